@@ -1,0 +1,1 @@
+"""fedpd client package."""

@@ -1,0 +1,1 @@
+"""fedpd common package."""

@@ -1,0 +1,65 @@
+"""The one place that picks the compute device and the mixed-precision setting.
+
+CUDA when present (with AMP in float16 and a gradient scaler), else CPU in float32. The environment
+variable ``FEDPD_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``) forces a choice, e.g. for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Runtime", "select_device", "runtime"]
+
+
+def select_device(requested: str | None = None) -> torch.device:
+    """Return the device to compute on.
+
+    Args:
+        requested: ``"auto"``/``None`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda[:i]"``.
+            Falls back to ``$FEDPD_DEVICE`` when ``None``.
+
+    Raises:
+        RuntimeError: CUDA was requested explicitly but is not available.
+    """
+    choice = (requested or os.environ.get("FEDPD_DEVICE") or "auto").strip().lower()
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {choice!r} requested (FEDPD_DEVICE or argument) but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device plus mixed-precision policy, shared by training, evaluation and benchmarks."""
+
+    device: torch.device
+    amp: bool
+
+    def autocast(self):
+        """Context manager for the forward pass: float16 autocast on CUDA when AMP is on, else a no-op."""
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A gradient scaler that is active only with AMP (a disabled scaler passes values through)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp)
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``cuda:0 (NVIDIA H100, AMP float16)`` or ``cpu (float32)``."""
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            return f"{self.device} ({name}, {'AMP float16' if self.amp else 'float32'})"
+        return f"{self.device} (float32)"
+
+
+def runtime(amp: bool = True, requested: str | None = None) -> Runtime:
+    """Select the device and decide AMP: on only when requested *and* the device is CUDA."""
+    device = select_device(requested)
+    return Runtime(device=device, amp=bool(amp) and device.type == "cuda")

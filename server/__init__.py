@@ -1,0 +1,1 @@
+"""fedpd server package."""

@@ -1,0 +1,116 @@
+"""``fedpd``: the command line. Each subcommand parses its flags and calls one library function.
+
+Imports are lazy so ``fedpd --help`` is quick and a command pulls in only what it uses. Errors a user
+can fix (:class:`common.errors.FedpdError`) are printed as ``fedpd <cmd>: error: ...`` with exit code 2
+and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _check_checkpoint(a):
+    from common.model import check_checkpoint
+
+    print(check_checkpoint(a.path, depth=a.depth))
+
+
+def _phantom(a):
+    from simulation.phantom import generate_phantom
+
+    generate_phantom(a.out, subjects=a.subjects, sites=a.sites, shape=a.shape, effect=a.effect, seed=a.seed,
+                     dicom_fraction=a.dicom_fraction)
+
+
+def _ingest(a):
+    from common.ingest import ingest
+
+    ingest(a.download, csv=a.csv, sites_csv=a.sites_csv, out=a.out, nifti_cache=a.nifti_cache)
+
+
+def _split(a):
+    from common.splits import split_manifest
+
+    split_manifest(a.manifest, val=a.val, test=a.test, seed=a.seed, out=a.out)
+
+
+def _partition(a):
+    from common.splits import partition_manifest
+
+    partition_manifest(a.manifest, scheme=a.scheme, out=a.out, sites=a.sites, alpha=a.alpha, seed=a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of all ``fedpd`` subcommands."""
+    p = argparse.ArgumentParser(
+        prog="fedpd",
+        description="Federated Parkinson's disease detection from 3D T1 MRI (Med3D + Flower).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check-checkpoint", help="check a MedicalNet checkpoint loads exactly into Med3D")
+    s.add_argument("path", type=Path)
+    s.add_argument("--depth", type=int, default=None, help="expected depth (default: guessed from the keys)")
+    s.set_defaults(func=_check_checkpoint)
+
+    s = sub.add_parser("phantom", help="write a synthetic PPMI-shaped download (never a clinical result)")
+    s.add_argument("out", type=Path)
+    s.add_argument("--subjects", type=int, default=120)
+    s.add_argument("--sites", type=int, default=3)
+    s.add_argument("--shape", type=int, default=64, help="edge of the cubic output volume in voxels")
+    s.add_argument("--effect", type=float, default=1.0, help="PD effect size; 0 = negative control")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dicom-fraction", type=float, default=0.15, help="share of scans written as DICOM series")
+    s.set_defaults(func=_phantom)
+
+    s = sub.add_parser("ingest", help="IDA download (CSV + image tree) -> manifest.csv")
+    s.add_argument("download", type=Path, help="folder that holds the PPMI/ image tree")
+    s.add_argument("--csv", type=Path, required=True, help="IDA search-results CSV")
+    s.add_argument("--sites-csv", type=Path, default=None, help="subject -> centre table (PATNO,CNO)")
+    s.add_argument("--out", type=Path, required=True, help="manifest.csv to write")
+    s.add_argument("--nifti-cache", type=Path, default=None,
+                   help="where DICOM series are converted to NIfTI (default: <out folder>/nifti)")
+    s.set_defaults(func=_ingest)
+
+    s = sub.add_parser("split", help="subject-level train/val/test split, stratified by label and site")
+    s.add_argument("manifest", type=Path)
+    s.add_argument("--val", type=float, default=0.15)
+    s.add_argument("--test", type=float, default=0.15)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, default=None, help="write here instead of updating the manifest in place")
+    s.set_defaults(func=_split)
+
+    s = sub.add_parser("partition", help="assign split manifest rows to sites and the server")
+    s.add_argument("manifest", type=Path)
+    s.add_argument("--scheme", choices=("natural", "iid", "dirichlet"), default="natural")
+    s.add_argument("--sites", type=int, default=None, help="number of sites (iid, dirichlet)")
+    s.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, required=True)
+    s.set_defaults(func=_partition)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedpd`` console script."""
+    from common.errors import FedpdError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FedpdError as exc:
+        print(f"fedpd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedpd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -45,6 +45,15 @@ def _partition(a):
     partition_manifest(a.manifest, scheme=a.scheme, out=a.out, sites=a.sites, alpha=a.alpha, seed=a.seed)
 
 
+def _simulate(a):
+    from simulation.simulate import simulate
+
+    report = simulate(a.partition, a.rounds, a.out, run_config=a.run_config)
+    auc = report["test"]["auc"]
+    print(f"report: {Path(a.out).resolve() / 'report.json'}")
+    print(f"test AUC {auc['value']:.3f} (95% CI {auc['ci95'][0]:.3f}-{auc['ci95'][1]:.3f}) on {report['data']['source']} data")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of all ``fedpd`` subcommands."""
     p = argparse.ArgumentParser(
@@ -93,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, required=True)
     s.set_defaults(func=_partition)
+
+    s = sub.add_parser("simulate", help="federated simulation: one virtual site per partition/sites/*.csv")
+    s.add_argument("--partition", type=Path, required=True, help="folder from fedpd partition")
+    s.add_argument("--rounds", type=int, default=None, help="num-server-rounds (default: run-config)")
+    s.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/NAME")
+    s.add_argument("--run-config", default="", help='extra run-config overrides "k=v ...", as flwr run -c')
+    s.set_defaults(func=_simulate)
     return p
 
 

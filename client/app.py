@@ -1,0 +1,69 @@
+"""ClientApp: local fine-tuning with class balancing, local validation. Only weights and scalars leave.
+
+Handlers unpack the message, call ``common/`` and pack the reply; nothing per-sample is sent.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common import keys
+from common.config import RunConfig
+from common.device import runtime
+from common.evaluation import eval_loader, make_model, train_loader
+from common.metrics import binary_metrics
+from common.train import load_state_numpy, predict, train_local
+from client.site import resolve_site
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context):
+    """Shared by train and evaluate: config, site, device, model with the server's weights."""
+    cfg = RunConfig.from_mapping(context.run_config, defaults={})  # Flower merged the defaults
+    site = resolve_site(context.node_config, cfg)
+    rt = runtime(cfg.amp)
+    model = make_model(cfg)
+    load_state_numpy(model, msg.content[keys.ARRAYS].to_torch_state_dict())
+    g = int(msg.content[keys.CONFIG].get("global-round", msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 1)))
+    return cfg, site, rt, model, g
+
+
+def _reply(msg: Message, site, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord({keys.SITE_NAME: site.name})})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fine-tune on this site's ``train`` rows for ``local-epochs``; reply weights + counts + loss."""
+    cfg, site, rt, model, g = _setup(msg, context)
+    rows = site.rows("train")
+    seed = cfg.seed + 1000 * site.index + g  # new augmentation/sampler draws every round, reproducible
+    loader, counts, weights = train_loader(rows, cfg, site.cache_dir, seed)
+    result = train_local(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         rt=rt, class_weights=weights, num_examples=len(rows))
+    metrics = {
+        keys.NUM_EXAMPLES: result.num_examples,
+        keys.TRAIN_LOSS: result.loss,
+        keys.TRAIN_SECONDS: result.seconds,
+        keys.SAMPLES_PER_SECOND: result.samples_per_second,
+        keys.class_count_key(0): int(counts.get(0, 0)),
+        keys.class_count_key(1): int(counts.get(1, 0)),
+    }
+    return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Aggregate metrics of the global model on this site's ``val`` rows (no per-sample output)."""
+    cfg, site, rt, model, _ = _setup(msg, context)
+    rows = site.rows("val")
+    if rows.empty:
+        return _reply(msg, site, {keys.NUM_EXAMPLES: 0, **{keys.eval_key(m): float("nan") for m in keys.EVAL_METRICS}})
+    res = predict(model, eval_loader(rows, cfg, site.cache_dir), rt)
+    m = binary_metrics(res.y_true, res.y_score) | {"loss": res.loss}
+    return _reply(msg, site, {keys.NUM_EXAMPLES: int(m["n"]), **{keys.eval_key(k): float(m[k]) for k in keys.EVAL_METRICS}})

@@ -1,0 +1,61 @@
+"""Which site this ClientApp is, and where its data and cache live.
+
+Deployment: the SuperNode's ``--node-config "data-path='/site/site.csv' cache-dir='/site/cache'"``.
+Simulation: Flower gives only ``partition-id``; it is mapped onto the sorted ``sites/*.csv`` of the
+run-config's ``partition-dir``. Everything after this lookup is the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.manifest import read_manifest
+
+__all__ = ["Site", "resolve_site", "NODE_CONFIG_FLAG"]
+
+NODE_CONFIG_FLAG = "--node-config \"data-path='/path/to/site.csv' cache-dir='/path/to/cache'\""
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    index: int  # stable small integer, for seeding
+    manifest: Path
+    cache_dir: Path
+
+    def rows(self, split: str) -> pd.DataFrame:
+        df = read_manifest(self.manifest, require_split=True)
+        return df[df["split"] == split].reset_index(drop=True)
+
+
+def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> Site:
+    """Find this node's site manifest and cache folder.
+
+    Raises:
+        ConfigError: a node-config key is missing (naming the key and the ``--node-config`` flag), or the
+            simulation partition folder does not have enough site files.
+    """
+    if "data-path" in node_config or "partition-id" not in node_config:
+        for key in ("data-path", "cache-dir"):
+            if not str(node_config.get(key, "")).strip():
+                raise ConfigError(f"node-config key {key!r} is missing; start the SuperNode with {NODE_CONFIG_FLAG}")
+        manifest = Path(str(node_config["data-path"])).expanduser()
+        if not manifest.is_file():
+            raise ConfigError(f"node-config data-path {manifest} does not exist; point it at this site's manifest CSV (from fedpd partition)")
+        name = str(node_config.get("site-name") or manifest.stem)
+        return Site(name=name, index=int(node_config.get("site-index", 0)), manifest=manifest,
+                    cache_dir=Path(str(node_config["cache-dir"])).expanduser())
+    pid = int(node_config["partition-id"])
+    if not cfg.partition_dir:
+        raise ConfigError("simulation node without data-path: set run-config partition-dir to a folder from fedpd partition")
+    files = sorted((Path(cfg.partition_dir) / "sites").glob("*.csv"))
+    if pid >= len(files):
+        raise ConfigError(f"partition-id {pid} but {cfg.partition_dir}/sites holds {len(files)} site file(s); run the simulation with num-supernodes={len(files)}")
+    manifest = files[pid]
+    return Site(name=manifest.stem, index=pid, manifest=manifest, cache_dir=Path(cfg.partition_dir) / "cache" / manifest.stem)

@@ -1,0 +1,125 @@
+"""From manifest rows to predictions, and from the selected checkpoint to ``report.json``.
+
+Shared by the ServerApp and the baselines: the best round and the decision threshold come from the
+validation rows only; the test rows are evaluated once, on the selected checkpoint, with
+subject-level bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from common.config import RunConfig
+from common.data import build_dataset, class_counts, class_weights, make_loader
+from common.device import Runtime
+from common.metrics import binary_metrics, bootstrap_ci, best_threshold
+from common.model import build_med3d
+from common.run import RunDir, select_round
+from common.train import EvalResult, load_state_numpy, predict
+
+__all__ = ["make_model", "train_loader", "eval_loader", "evaluate_rows", "finalize_run", "data_source"]
+
+log = logging.getLogger("fedpd.evaluation")
+
+
+def make_model(cfg: RunConfig, pretrained: bool = False) -> torch.nn.Module:
+    """The Med3D of this run-config; MedicalNet weights only when ``pretrained`` (server init)."""
+    path = cfg.pretrained_path if (pretrained and cfg.pretrained_path) else None
+    return build_med3d(depth=cfg.model_depth, num_classes=2, pretrained=path, dropout=cfg.dropout)
+
+
+def _records(rows: pd.DataFrame) -> list[dict]:
+    return rows.to_dict("records")
+
+
+def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int):
+    """Loader over training rows with the run's class balancing; also returns the counts and loss weights."""
+    recs = _records(rows)
+    ds = build_dataset(recs, cfg.input_size, cfg.spacing_mm, cache_dir, train=True, seed=seed)
+    labels = [int(r["label"]) for r in recs]
+    loader = make_loader(ds, labels, cfg.batch_size, cfg.class_balancing, seed=seed, num_workers=cfg.num_workers)
+    counts = class_counts(recs)
+    weights = class_weights(counts) if cfg.class_balancing == "loss" else None
+    return loader, counts, weights
+
+
+def eval_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path):
+    """Deterministic loader (no augmentation, no sampler) in row order."""
+    recs = _records(rows)
+    ds = build_dataset(recs, cfg.input_size, cfg.spacing_mm, cache_dir, train=False, seed=cfg.seed)
+    labels = [int(r["label"]) for r in recs]
+    return make_loader(ds, labels, cfg.batch_size, "none", seed=cfg.seed, num_workers=cfg.num_workers, shuffle=False)
+
+
+def evaluate_rows(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfig, rt: Runtime, cache_dir: Path) -> EvalResult:
+    """Predict every row (in order)."""
+    return predict(model, eval_loader(rows, cfg, cache_dir), rt)
+
+
+def data_source(rows: pd.DataFrame) -> str:
+    """``phantom`` or ``ppmi`` from the manifest's ``source`` column (``unknown`` if absent)."""
+    if "source" in rows.columns and rows["source"].notna().any():
+        values = sorted(set(rows["source"].dropna().astype(str)))
+        return values[0] if len(values) == 1 else "mixed:" + "+".join(values)
+    return "unknown"
+
+
+def _with_ci(y_true, y_score, groups, threshold, seed) -> dict[str, Any]:
+    return bootstrap_ci(y_true, y_score, groups, threshold=threshold, n_boot=1000, seed=seed)
+
+
+def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFrame, test_rows: pd.DataFrame,
+                 cache_dir: Path, extra: dict | None = None) -> dict:
+    """Select the best round on validation, choose the threshold on validation, evaluate test once.
+
+    Writes and returns ``report.json`` (DESIGN.md "Outputs").
+    """
+    start = time.perf_counter()
+    records = run.read_rounds()
+    selected = select_round(records)
+    ckpt = RunDir.load_checkpoint(run.checkpoint_path(selected))
+    model = make_model(cfg)
+    load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
+
+    val = evaluate_rows(model, val_rows, cfg, rt, cache_dir)
+    threshold = float(best_threshold(val.y_true, val.y_score))
+    val_metrics = binary_metrics(val.y_true, val.y_score, threshold=threshold)
+
+    test = evaluate_rows(model, test_rows, cfg, rt, cache_dir)  # the one and only look at test
+    groups = test_rows["subject_id"].astype(str).to_numpy()
+    test_metrics = _with_ci(test.y_true, test.y_score, groups, threshold, cfg.seed)
+    per_site = {}
+    for site, idx in test_rows.reset_index(drop=True).groupby("site").groups.items():
+        idx = list(idx)
+        per_site[str(site)] = _with_ci(test.y_true[idx], test.y_score[idx], groups[idx], threshold, cfg.seed)
+
+    report = {
+        "data": {
+            "source": data_source(pd.concat([val_rows, test_rows])),
+            **(extra or {}).get("data", {}),
+        },
+        "selected_round": selected,
+        "selection": "highest validation AUC (ties: lower validation loss, then earlier round)",
+        "threshold": threshold,
+        "threshold_rule": "Youden's J on the server validation rows of the selected round",
+        "val": val_metrics,
+        "test": test_metrics,
+        "test_per_site": per_site,
+        "test_counts": {"scans": int(len(test_rows)), "subjects": int(test_rows["subject_id"].nunique())},
+        "rounds": len(records),
+        "config": cfg.to_dict(),
+        "device": rt.describe(),
+        "git_commit": ckpt.get("git_commit", "unknown"),
+    }
+    for key, value in (extra or {}).items():
+        if key != "data":
+            report[key] = value
+    run.write_json("report.json", report)
+    log.info("report written to %s (selected round %d, %.1fs)", run.report_file, selected, time.perf_counter() - start)
+    return report

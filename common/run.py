@@ -1,0 +1,182 @@
+"""A run's folder on disk: checkpoints, ``rounds.jsonl``, ``config.json``, resume and round selection.
+
+Used by the ServerApp and by the baselines, so every arm writes the same files. Every file is written
+to a temporary name and moved into place, so a killed process never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import CheckpointError
+
+__all__ = ["RunDir", "CHECKPOINT_FORMAT", "select_round", "git_commit", "atomic_write_text"]
+
+CHECKPOINT_FORMAT = "fedpd-checkpoint-1"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, or ``"unknown"`` outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(obj: Any) -> str:
+    """JSON with NaN written as null (strict JSON readers choke on NaN)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(json.loads(json.dumps(obj, default=_json_default))), indent=None, sort_keys=False)
+
+
+class RunDir:
+    """The output folder of one run (``runs/<name>/``)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.rounds_file = self.root / "rounds.jsonl"
+        self.config_file = self.root / "config.json"
+        self.report_file = self.root / "report.json"
+
+    def prepare(self) -> "RunDir":
+        """Create the folder; raise a clear error when it cannot be written."""
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(f"{self.root}: cannot write the run folder ({exc.strerror}); set out-dir to a writable absolute path") from exc
+        return self
+
+    def checkpoint_path(self, round_: int) -> Path:
+        return self.checkpoints / f"round-{round_}.pt"
+
+    def save_checkpoint(self, round_: int, state: dict[str, np.ndarray], *, config: dict, metrics: dict,
+                        model: dict, strategy: dict | None = None) -> Path:
+        """Save a self-describing checkpoint: weights, config, round, metrics, model args, git commit."""
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "round": int(round_),
+            "state_dict": {k: torch.as_tensor(np.asarray(v)).clone() for k, v in state.items()},
+            "config": dict(config),
+            "metrics": json.loads(dumps(metrics)),
+            "model": dict(model),
+            "strategy": dict(strategy or {}),
+            "git_commit": git_commit(),
+        }
+        path = self.checkpoint_path(round_)
+        fd, tmp = tempfile.mkstemp(dir=self.checkpoints, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def saved_rounds(self) -> list[int]:
+        """Round numbers with a checkpoint, ascending."""
+        rounds = []
+        for p in self.checkpoints.glob("round-*.pt"):
+            try:
+                rounds.append(int(p.stem.split("-", 1)[1]))
+            except ValueError:
+                continue
+        return sorted(rounds)
+
+    @staticmethod
+    def load_checkpoint(path: str | Path) -> dict:
+        """Load a fedpd run checkpoint with ``weights_only=True``; a clear error if it is not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file; list {path.parent} for the rounds that were saved")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a bad file (pickle, zip, EOF)
+            raise CheckpointError(f"{path}: not a readable fedpd checkpoint ({type(exc).__name__}: {exc}); the file may be truncated, re-run or resume from an earlier round") from exc
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: not a fedpd run checkpoint (no format {CHECKPOINT_FORMAT!r}); for a MedicalNet file use pretrained-path")
+        return payload
+
+    def append_round(self, record: dict) -> None:
+        """Append one JSON line to ``rounds.jsonl`` and flush it to disk."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.rounds_file, "a") as fh:
+            fh.write(dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_rounds(self) -> list[dict]:
+        """All round records, in file order."""
+        if not self.rounds_file.exists():
+            return []
+        return [json.loads(line) for line in self.rounds_file.read_text().splitlines() if line.strip()]
+
+    def truncate_rounds(self, last_round: int) -> list[dict]:
+        """Keep only records with ``round <= last_round`` (used when resuming after a crash)."""
+        kept = [r for r in self.read_rounds() if r.get("round", 0) <= last_round]
+        atomic_write_text(self.rounds_file, "".join(dumps(r) + "\n" for r in kept))
+        return kept
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.root / name
+        atomic_write_text(path, json.dumps(json.loads(dumps(obj)), indent=2) + "\n")
+        return path
+
+
+def select_round(records: list[dict], metric: str = "auc") -> int:
+    """The round whose *validation* ``metric`` is highest; ties go to lower validation loss, then the earlier round.
+
+    Raises:
+        ValueError: no record has validation metrics.
+    """
+    best, best_key = None, None
+    for rec in records:
+        val = rec.get("val") or {}
+        score = val.get(metric)
+        score = -math.inf if score is None or (isinstance(score, float) and math.isnan(score)) else score
+        loss = val.get("loss")
+        loss = math.inf if loss is None or (isinstance(loss, float) and math.isnan(loss)) else loss
+        key = (score, -loss, -rec["round"])
+        if best_key is None or key > best_key:
+            best, best_key = rec["round"], key
+    if best is None:
+        raise ValueError("no validation records to select a round from")
+    return int(best)

@@ -1,0 +1,90 @@
+"""What the ServerApp needs before round 1: checked paths, held-out rows, the run folder, resume state."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from common.config import RunConfig
+from common.device import Runtime
+from common.errors import ConfigError
+from common.evaluation import make_model
+from common.manifest import read_manifest
+from common.run import RunDir
+from common.splits import split_audit
+from common.train import load_state_numpy
+
+__all__ = ["ServerSetup", "prepare", "absolute"]
+
+log = logging.getLogger("fedpd.server")
+
+
+def absolute(value: str, key: str) -> Path:
+    """A run-config path that must be absolute: files are written/read on the SuperLink host."""
+    if not value:
+        raise ConfigError(f"run-config key {key!r} is empty; pass it with flwr run -c \"{key}='/absolute/path'\"")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"run-config key {key!r} = {value!r} must be an absolute path (the ServerApp runs in its own folder)")
+    return path
+
+
+@dataclass
+class ServerSetup:
+    cfg: RunConfig
+    rt: Runtime
+    run: RunDir
+    val_rows: pd.DataFrame
+    test_rows: pd.DataFrame
+    cache_dir: Path
+    start_round: int
+    initial_state: dict[str, torch.Tensor]
+    model_args: dict
+    data_info: dict = field(default_factory=dict)
+
+
+def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
+    """Validate inputs, create or resume the run folder, build the initial model.
+
+    Raises:
+        ConfigError: a path key is empty or relative, or out-dir holds a run and ``resume`` is false.
+    """
+    out = absolute(cfg.out_dir, "out-dir")
+    manifest_path = absolute(cfg.server_manifest, "server-manifest")
+    rows = read_manifest(manifest_path, require_split=True)
+    val_rows = rows[rows["split"] == "val"].reset_index(drop=True)
+    test_rows = rows[rows["split"] == "test"].reset_index(drop=True)
+    for name, part in (("val", val_rows), ("test", test_rows)):
+        if part.empty:
+            raise ConfigError(f"{manifest_path}: no '{name}' rows; the server needs val and test rows (fedpd split, then fedpd partition)")
+    run = RunDir(out).prepare()
+    model_args = {"depth": cfg.model_depth, "num_classes": 2, "dropout": cfg.dropout}
+    saved = run.saved_rounds()
+    start_round = 0
+    if cfg.resume and saved:
+        start_round = saved[-1]
+        ckpt = RunDir.load_checkpoint(run.checkpoint_path(start_round))
+        if ckpt.get("model", {}).get("depth") != cfg.model_depth:
+            raise ConfigError(f"{run.checkpoint_path(start_round)} holds model-depth {ckpt['model'].get('depth')}, run-config says {cfg.model_depth}; resume with the same model-depth")
+        model = make_model(cfg)
+        load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
+        run.truncate_rounds(start_round)
+        log.info("resuming %s after round %d", out, start_round)
+    elif saved or run.rounds_file.exists():
+        raise ConfigError(f"{out} already holds a run (rounds {saved}); pass resume=true to continue it, or choose a new out-dir")
+    else:
+        model = make_model(cfg, pretrained=True)
+    run.write_json("config.json", cfg.to_dict())
+    data_info = {"server_split_audit": split_audit(rows)}
+    if cfg.partition_dir:
+        part = Path(cfg.partition_dir) / "partition.json"
+        if part.is_file():
+            data_info["partition"] = json.loads(part.read_text())
+    return ServerSetup(cfg=cfg, rt=rt, run=run, val_rows=val_rows, test_rows=test_rows,
+                       cache_dir=out / "cache" / "server", start_round=start_round,
+                       initial_state=model.state_dict(), model_args=model_args, data_info=data_info)

@@ -1,0 +1,176 @@
+"""Start and stop real Flower processes (SuperLink, SuperNodes) and call the ``flwr`` CLI.
+
+Used by ``fedpd simulate``, the demo and the integration tests. Every process is started in its own
+session with its own ``FLWR_HOME`` and log file and is stopped by PID (its process group), so the
+SuperExec children go with it. Runtime dependency installation is always off: the SuperLink would
+otherwise build a fresh environment per run and pull a CUDA torch (FLOWER.md §0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Proc", "free_port", "flwr_env", "start_superlink", "start_supernode", "stop", "write_connections",
+           "flwr_run", "wait_for_port", "APP_DIR"]
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the folder with pyproject.toml
+BIN = Path(sys.executable).parent  # the venv's bin/: flower-superlink, flower-supernode, flwr
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: Path, **extra: str) -> dict[str, str]:
+    """Environment for a Flower process: its own FLWR_HOME, no runtime dependency installation."""
+    env = os.environ.copy()
+    env.update({
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Proc:
+    """A started Flower process; ``stop(proc)`` ends it and its children."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: Proc | None = None) -> None:
+    """Wait until something listens on 127.0.0.1:port; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode}; log {proc.log}:\n{proc.log_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s" + (f"; log {proc.log}" if proc else ""))
+
+
+def _spawn(name: str, args: list[str], home: Path, log: Path, port: int, env: dict | None = None) -> Proc:
+    home.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "ab")
+    popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env or flwr_env(home),
+                             start_new_session=True, cwd=home)
+    fh.close()
+    return Proc(name=name, popen=popen, log=log, port=port)
+
+
+def start_superlink(home: Path, *, port: int | None = None, simulation: bool = False, database: Path | None = None,
+                    extra: list[str] | None = None, insecure: bool = True, wait: bool = True) -> Proc:
+    """Start ``flower-superlink`` on 127.0.0.1 (one HTTP port for all APIs in Flower 1.42)."""
+    port = port or free_port()
+    args = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    if insecure:
+        args.append("--insecure")
+    if simulation:
+        args.append("--simulation")
+    if database is not None:
+        args += ["--database", str(database)]
+    args += extra or []
+    proc = _spawn("superlink", args, home, home / "superlink.log", port)
+    if wait:
+        wait_for_port(port, proc=proc)
+    return proc
+
+
+def start_supernode(home: Path, superlink: str, *, node_config: str, port: int | None = None,
+                    extra: list[str] | None = None, insecure: bool = True, name: str = "supernode") -> Proc:
+    """Start ``flower-supernode`` connected to ``superlink`` ("127.0.0.1:PORT") with ``--node-config``."""
+    port = port or free_port()
+    args = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    if insecure:
+        args.append("--insecure")
+    args += extra or []
+    return _spawn(name, args, home, home / f"{name}.log", port)
+
+
+def stop(proc: Proc | None, timeout: float = 15.0) -> None:
+    """SIGTERM the process group, wait, then SIGKILL what is left. Safe to call twice."""
+    if proc is None or proc.popen.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.popen.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # the SuperExec children share the group; make sure none survives the parent
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def write_connections(home: Path, connections: dict[str, dict]) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with ``[superlink.<name>]`` sections (FLOWER.md §2)."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{next(iter(connections))}"', ""]
+    for name, opts in connections.items():
+        lines.append(f"[superlink.{name}]")
+        for k, v in opts.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        lines.append("")
+    path = home / "config.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def flwr_run(home: Path, connection: str, *, run_config: Path | None = None, federation_config: str | None = None,
+             log: Path, timeout: float | None = None, app: Path = APP_DIR, echo: bool = False) -> int:
+    """``flwr run APP CONNECTION --stream`` with our FLWR_HOME; output to ``log`` (and stdout if ``echo``)."""
+    args = [str(BIN / "flwr"), "run", str(app), connection, "--stream"]
+    if run_config is not None:
+        args += ["--run-config", str(run_config)]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flwr_env(home), cwd=app)
+        assert proc.stdout is not None
+        start = time.monotonic()
+        for line in proc.stdout:
+            fh.write(line)
+            fh.flush()
+            if echo:
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()
+            if timeout and time.monotonic() - start > timeout:
+                proc.kill()
+                raise TimeoutError(f"flwr run exceeded {timeout:.0f}s; see {log}")
+        return proc.wait()

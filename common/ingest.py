@@ -213,7 +213,7 @@ def _locate(iid: str, folders: list[Path] | None, download: Path) -> tuple[str, 
     return "error", f"{folder} holds no .nii/.nii.gz/.dcm file; download this image from IDA again"
 
 
-PHANTOM_MARKER = "fedpd-phantom.json"  # written by `fedpd phantom` at the top of its download folder
+PHANTOM_MARKER = "phantom.json"  # written by `fedpd phantom` at the top of its download folder
 
 
 def ingest(download, csv, sites_csv=None, out="manifest.csv", nifti_cache=None) -> pd.DataFrame:

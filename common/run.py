@@ -30,6 +30,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by the team
     os.replace(tmp, path)
 
 
@@ -108,6 +109,7 @@ class RunDir:
         fd, tmp = tempfile.mkstemp(dir=self.checkpoints, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         return path
 

@@ -6,17 +6,18 @@ per-site scalars that the run log and the report need, and numbers rounds global
 
 from __future__ import annotations
 
+import math
 import time
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 
-__all__ = ["RecordingFedAvg"]
+__all__ = ["RecordingFedAvg", "nan_aware_mean"]
 
 
 def _site_of(msg: Message) -> str:
@@ -26,10 +27,32 @@ def _site_of(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
+def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Sample-weighted mean of each metric over the sites where it is defined.
+
+    A site whose validation rows hold one class only has no AUC (NaN); FedAvg's default average would
+    turn the federation's value into NaN. Here such a site is left out of that metric's average.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weighting_key])
+        for key, value in metrics.items():
+            if key == weighting_key or not isinstance(value, (int, float)) or not math.isfinite(value) or w <= 0:
+                continue
+            sums[key] = sums.get(key, 0.0) + w * float(value)
+            weights[key] = weights.get(key, 0.0) + w
+    out = {k: sums[k] / weights[k] for k in sums}
+    out[weighting_key] = sum(float(next(iter(r.metric_records.values()))[weighting_key]) for r in records)
+    return MetricRecord(out)
+
+
 class RecordingFedAvg(FedAvg):
     """FedAvg plus bookkeeping. ``round_offset`` turns Flower's 1..R into global rounds after a resume."""
 
     def __init__(self, *, round_offset: int = 0, **kwargs):
+        kwargs.setdefault("evaluate_metrics_aggr_fn", nan_aware_mean)
         super().__init__(**kwargs)
         self.round_offset = round_offset
         self.round_started: dict[int, float] = {}

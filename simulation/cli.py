@@ -49,9 +49,10 @@ def _simulate(a):
     from simulation.simulate import simulate
 
     report = simulate(a.partition, a.rounds, a.out, run_config=a.run_config)
-    auc = report["test"]["auc"]
+    from simulation.demo import auc_line
+
     print(f"report: {Path(a.out).resolve() / 'report.json'}")
-    print(f"test AUC {auc['value']:.3f} (95% CI {auc['ci95'][0]:.3f}-{auc['ci95'][1]:.3f}) on {report['data']['source']} data")
+    print(auc_line(report))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Proc", "free_port", "flwr_env", "start_superlink", "start_supernode", "stop", "write_connections",
-           "flwr_run", "wait_for_port", "APP_DIR"]
+           "flwr_run", "wait_for_port", "write_run_config", "APP_DIR"]
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder with pyproject.toml
 BIN = Path(sys.executable).parent  # the venv's bin/: flower-superlink, flower-supernode, flwr
@@ -151,6 +151,21 @@ def write_connections(home: Path, connections: dict[str, dict]) -> Path:
     return path
 
 
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def write_run_config(path: Path, overrides: dict) -> Path:
+    """A TOML file of run-config overrides for ``flwr run --run-config FILE`` (no shell quoting games)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in overrides.items()))
+    return path
+
+
 def flwr_run(home: Path, connection: str, *, run_config: Path | None = None, federation_config: str | None = None,
              log: Path, timeout: float | None = None, app: Path = APP_DIR, echo: bool = False) -> int:
     """``flwr run APP CONNECTION --stream`` with our FLWR_HOME; output to ``log`` (and stdout if ``echo``)."""
@@ -162,9 +177,8 @@ def flwr_run(home: Path, connection: str, *, run_config: Path | None = None, fed
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flwr_env(home), cwd=app)
-        assert proc.stdout is not None
         start = time.monotonic()
-        for line in proc.stdout:
+        for line in proc.stdout or []:
             fh.write(line)
             fh.flush()
             if echo:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import tomllib
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 
 from common.config import RunConfig, parse_overrides
 from common.errors import ConfigError, FedpdError
-from simulation.flower import flwr_run, start_superlink, stop, write_connections
+from simulation.flower import flwr_run, start_superlink, stop, write_connections, write_run_config
 
 __all__ = ["simulate", "SimulationError"]
 
@@ -25,12 +27,8 @@ class SimulationError(FedpdError):
     """The Flower run did not finish or produced no report."""
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "", echo: bool = True,
@@ -61,21 +59,24 @@ def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "
     cfg = RunConfig.from_mapping(overrides)  # fail here, with the list of keys, not inside Flower
     out.mkdir(parents=True, exist_ok=True)
     home = out / ".flwr"
-    cfg_file = home / "run-config.toml"
-    home.mkdir(parents=True, exist_ok=True)
-    cfg_file.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in overrides.items()))
+    cfg_file = write_run_config(home / "run-config.toml", overrides)
 
     cuda = torch.cuda.is_available()
     # One site trains at a time with every core (or the GPU): no oversubscription on small machines.
     federation = (f"num-supernodes={len(sites)} client-resources-num-cpus={os.cpu_count() or 1} "
                   f"client-resources-num-gpus={1.0 if cuda else 0.0}")
     link = start_superlink(home, simulation=True, database=home / "state.db")
+    # SIGTERM (e.g. from a scheduler) must still stop the SuperLink: turn it into an exception
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
         write_connections(home, {"sim": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
         code = flwr_run(home, "sim", run_config=cfg_file, federation_config=federation, log=out / "flower.log",
                         timeout=timeout, echo=echo)
     finally:
         stop(link)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     report = out / "report.json"
     if code != 0 or not report.is_file():
         raise SimulationError(f"the Flower run ended with code {code} and {'no' if not report.is_file() else 'a'} report; "

@@ -1,0 +1,151 @@
+"""End to end on real Flower processes: simulation (fedpd simulate and plain flwr run), resume after a
+kill, and a deployment with a real SuperLink and 3 real SuperNodes on 127.0.0.1.
+
+Every process is started on free ports with its own FLWR_HOME and stopped by PID in ``finally``.
+The cohort is the phantom at 32^3 through the real ingest/split/partition path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.ingest import ingest
+from common.splits import partition_manifest, split_manifest
+from simulation.flower import (APP_DIR, BIN, flwr_env, flwr_run, free_port, start_superlink, start_supernode, stop,
+                               write_connections, write_run_config)
+from simulation.phantom import generate_phantom
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"input-shape": "32,32,32", "spacing": "6.0,6.0,6.0", "batch-size": 4}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    generate_phantom(root / "download", subjects=30, sites=3, shape=32, effect=1.0, seed=1)
+    ingest(root / "download", csv=root / "download" / "idaSearch.csv", sites_csv=root / "download" / "centres.csv",
+           out=root / "manifest.csv")
+    split_manifest(root / "manifest.csv", val=0.2, test=0.25, seed=0)
+    partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
+    return root / "partition"
+
+
+def _rounds(out: Path) -> list[dict]:
+    f = out / "rounds.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
+def _check_outputs(out: Path, rounds: int, sites: set[str]):
+    recs = _rounds(out)
+    assert [r["round"] for r in recs] == list(range(1, rounds + 1))
+    for r in recs:
+        assert set(r["sites"]) == sites, f"round {r['round']}: trained sites {sorted(r['sites'])}"
+        assert r["missing_sites"] == []
+        assert r["num_examples"] == sum(s["num-examples"] for s in r["sites"].values())
+        assert 0.0 <= r["val"]["auc"] <= 1.0
+    for k in range(1, rounds + 1):
+        assert (out / "checkpoints" / f"round-{k}.pt").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["source"] == "phantom"
+    assert 1 <= report["selected_round"] <= rounds
+    assert set(report["test"]["auc"]) >= {"value", "ci95"}
+    assert set(report["test_per_site"]) <= sites
+    return recs, report
+
+
+def _site_names(partition: Path) -> set[str]:
+    return {p.stem for p in (partition / "sites").glob("*.csv")}
+
+
+def test_flwr_run_local_simulation(cohort, tmp_path):
+    """The README's plain `flwr run . local` form: Flower starts its own simulation SuperLink."""
+    home, out = tmp_path / "flwr-home", tmp_path / "run"
+    write_connections(home, {"local": {"address": ":local:"}})
+    cfg = write_run_config(tmp_path / "rc.toml", SMALL | {
+        "num-server-rounds": 1, "min-nodes": 3, "partition-dir": str(cohort),
+        "server-manifest": str(cohort / "server.csv"), "out-dir": str(out)})
+    ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    env = flwr_env(home, **ports)
+    try:
+        proc = subprocess.run([str(BIN / "flwr"), "run", str(APP_DIR), "local", "--stream", "--run-config", str(cfg),
+                               "--federation-config", "num-supernodes=3 client-resources-num-cpus=2"],
+                              env=env, cwd=APP_DIR, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        _check_outputs(out, 1, _site_names(cohort))
+    finally:
+        # the CLI leaves its SuperLink running (FLOWER.md §2): find it by its port and stop it by PID
+        port = ports["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        for line in ps.splitlines():
+            if "flower-superlink" in line and f"--port {port}" in line:
+                os.killpg(int(line.split()[0]), signal.SIGTERM)
+
+
+def test_simulate_resume_after_kill(cohort, tmp_path):
+    """A 4-round `fedpd simulate` is killed after round 2, resumed, and ends with 4 rounds; the first
+    records are unchanged."""
+    out = tmp_path / "run"
+    rc = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in SMALL.items())
+    cmd = [sys.executable, "-m", "simulation.cli", "simulate", "--partition", str(cohort), "--rounds", "4",
+           "--out", str(out), "--run-config", rc]
+    log = open(tmp_path / "first.log", "wb")
+    first = subprocess.Popen(cmd, cwd=APP_DIR, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 480
+        while len(_rounds(out)) < 2:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 2 never finished"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGTERM)  # fedpd simulate stops its SuperLink (and the ServerApp) on SIGTERM
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    before = _rounds(out)
+    assert 2 <= len(before) < 4 and not (out / "report.json").exists()
+
+    again = subprocess.run(cmd[:-1] + [rc + " resume=true"], cwd=APP_DIR, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    recs, report = _check_outputs(out, 4, _site_names(cohort))
+    assert recs[: len(before)] == before
+    assert "test AUC" in again.stdout and "phantom" in again.stdout
+
+
+def test_deployment_superlink_and_three_supernodes(cohort, tmp_path):
+    """Real flower-superlink + 3 flower-supernode processes, each with its own --node-config."""
+    out = tmp_path / "run"
+    procs = []
+    try:
+        link = start_superlink(tmp_path / "link", database=tmp_path / "link" / "state.db")
+        procs.append(link)
+        for csv in sorted((cohort / "sites").glob("*.csv")):
+            node_config = f"data-path='{csv}' cache-dir='{tmp_path / 'cache' / csv.stem}'"
+            procs.append(start_supernode(tmp_path / f"site-{csv.stem}", f"127.0.0.1:{link.port}",
+                                         node_config=node_config, name=f"site-{csv.stem}"))
+        home = tmp_path / "cli"
+        write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
+        cfg = write_run_config(tmp_path / "rc.toml", SMALL | {
+            "num-server-rounds": 2, "min-nodes": 3, "server-manifest": str(cohort / "server.csv"),
+            "out-dir": str(out)})
+        code = flwr_run(home, "deploy", run_config=cfg, log=tmp_path / "flwr-run.log", timeout=600)
+        assert code == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+        ls = subprocess.run([str(BIN / "flwr"), "ls", "deploy", "--format", "json"], env=flwr_env(home),
+                            capture_output=True, text=True, timeout=60)
+        assert "finished:completed" in ls.stdout, ls.stdout + ls.stderr
+        _check_outputs(out, 2, _site_names(cohort))
+        for p in procs[1:]:
+            assert p.popen.poll() is None, f"{p.name} died: {p.log_text()[-2000:]}"
+    finally:
+        for p in reversed(procs):
+            stop(p)
+    assert all(p.popen.poll() is not None for p in procs)

@@ -39,6 +39,30 @@ def cohort(tmp_path_factory):
     return root / "partition"
 
 
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every process, read from /proc (ps truncates long command lines)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            found.append((int(entry.name), [a.decode(errors="replace") for a in argv if a]))
+    return found
+
+
+def _wait_gone(pid: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
 def _rounds(out: Path) -> list[dict]:
     f = out / "rounds.jsonl"
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
@@ -84,10 +108,12 @@ def test_flwr_run_local_simulation(cohort, tmp_path):
     finally:
         # the CLI leaves its SuperLink running (FLOWER.md §2): find it by its port and stop it by PID
         port = ports["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-        for line in ps.splitlines():
-            if "flower-superlink" in line and f"--port {port}" in line:
-                os.killpg(int(line.split()[0]), signal.SIGTERM)
+        pids = [pid for pid, args in _processes() if "flower-superlink" in " ".join(args) and port in args]
+        assert pids, "the local SuperLink started by flwr run was not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            _wait_gone(pid)
 
 
 def test_simulate_resume_after_kill(cohort, tmp_path):

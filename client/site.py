@@ -7,6 +7,7 @@ run-config's ``partition-dir``. Everything after this lookup is the same code pa
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,13 +50,19 @@ def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> Site:
         if not manifest.is_file():
             raise ConfigError(f"node-config data-path {manifest} does not exist; point it at this site's manifest CSV (from fedpd partition)")
         name = str(node_config.get("site-name") or manifest.stem)
-        return Site(name=name, index=int(node_config.get("site-index", 0)), manifest=manifest,
+        # a stable per-site seed offset, so sites never share sampler/augmentation draws
+        index = int(node_config.get("site-index", zlib.crc32(name.encode()) % 100_000))
+        return Site(name=name, index=index, manifest=manifest,
                     cache_dir=Path(str(node_config["cache-dir"])).expanduser())
     pid = int(node_config["partition-id"])
     if not cfg.partition_dir:
         raise ConfigError("simulation node without data-path: set run-config partition-dir to a folder from fedpd partition")
     files = sorted((Path(cfg.partition_dir) / "sites").glob("*.csv"))
-    if pid >= len(files):
+    expected = node_config.get("num-partitions")
+    if expected is not None and int(expected) != len(files):
+        raise ConfigError(f"the simulation has {expected} virtual SuperNodes but {cfg.partition_dir}/sites holds "
+                          f"{len(files)} site file(s); run it with num-supernodes={len(files)}")
+    if pid < 0 or pid >= len(files):
         raise ConfigError(f"partition-id {pid} but {cfg.partition_dir}/sites holds {len(files)} site file(s); run the simulation with num-supernodes={len(files)}")
     manifest = files[pid]
     return Site(name=manifest.stem, index=pid, manifest=manifest, cache_dir=Path(cfg.partition_dir) / "cache" / manifest.stem)

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by the team
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by the team
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def git_commit() -> str:
@@ -106,11 +111,16 @@ class RunDir:
             "git_commit": git_commit(),
         }
         path = self.checkpoint_path(round_)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.checkpoints, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        try:
+            torch.save(payload, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     def saved_rounds(self) -> list[int]:
@@ -163,22 +173,27 @@ class RunDir:
         return path
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def select_round(records: list[dict], metric: str = "auc") -> int:
     """The round whose *validation* ``metric`` is highest; ties go to lower validation loss, then the earlier round.
 
+    Rounds where ``metric`` is undefined (None/NaN, e.g. a validation split with one class) never win. If it
+    is undefined in every round, the round with the lowest validation loss is taken, with a warning.
+
     Raises:
-        ValueError: no record has validation metrics.
+        ValueError: no record has a defined validation metric or loss.
     """
-    best, best_key = None, None
-    for rec in records:
-        val = rec.get("val") or {}
-        score = val.get(metric)
-        score = -math.inf if score is None or (isinstance(score, float) and math.isnan(score)) else score
-        loss = val.get("loss")
-        loss = math.inf if loss is None or (isinstance(loss, float) and math.isnan(loss)) else loss
-        key = (score, -loss, -rec["round"])
-        if best_key is None or key > best_key:
-            best, best_key = rec["round"], key
-    if best is None:
-        raise ValueError("no validation records to select a round from")
-    return int(best)
+    scored = [r for r in records if _finite((r.get("val") or {}).get(metric))]
+    if scored:
+        def key(r):
+            loss = r["val"].get("loss")
+            return (r["val"][metric], -(loss if _finite(loss) else math.inf), -r["round"])
+        return int(max(scored, key=key)["round"])
+    by_loss = [r for r in records if _finite((r.get("val") or {}).get("loss"))]
+    if not by_loss:
+        raise ValueError(f"no round has a validation {metric} or loss to select by")
+    warnings.warn(f"validation {metric} is undefined in every round; selecting by lowest validation loss", RuntimeWarning)
+    return int(min(by_loss, key=lambda r: (r["val"]["loss"], r["round"]))["round"])

@@ -100,13 +100,18 @@ def train_local(
             with rt.autocast():
                 logits = model(images)
             # Loss in float32 even under autocast: small batches of imbalanced labels are sensitive.
-            loss = F.cross_entropy(logits.float(), labels, weight=weight)
+            per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
+            if weight is None:
+                loss = per_sample.mean()
+            else:  # class-balancing=loss: the same normalisation as F.cross_entropy(weight=...)
+                w = weight[labels]
+                loss = (per_sample * w).sum() / w.sum().clamp_min(1e-12)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch + 1}; lower lr or check the inputs")
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total_loss += loss.item() * labels.shape[0]
+            total_loss += per_sample.detach().sum().item()  # reported: plain cross-entropy per sample
             seen += labels.shape[0]
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)

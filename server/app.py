@@ -42,9 +42,11 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
         "val": metrics,
         "wall_seconds": time.time() - strategy.round_started.get(g, time.time()),
     }
+    # The record goes first: a crash before the checkpoint lands makes resume repeat round g (its record is
+    # truncated away), never leaves a checkpoint without its record.
+    setup.run.append_round(record)
     setup.run.save_checkpoint(g, {k: v.numpy() for k, v in model.state_dict().items()}, config=setup.cfg.to_dict(),
                               metrics=record, model=setup.model_args, strategy={"name": setup.cfg.strategy, "round": g})
-    setup.run.append_round(record)
     log(INFO, "round %d: val AUC %.3f, val loss %.4f, checkpoint %s", g, metrics["auc"], val.loss, setup.run.checkpoint_path(g))
     return MetricRecord({"val-auc": float(metrics["auc"]), "val-loss": float(val.loss)})
 

@@ -75,6 +75,9 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
         load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
         run.truncate_rounds(start_round)
         log.info("resuming %s after round %d", out, start_round)
+    elif cfg.resume and run.rounds_file.exists():
+        raise ConfigError(f"{out}: resume=true but there is no checkpoint to resume from (only {run.rounds_file.name}); "
+                          "delete that file to start over, or choose a new out-dir")
     elif saved or run.rounds_file.exists():
         raise ConfigError(f"{out} already holds a run (rounds {saved}); pass resume=true to continue it, or choose a new out-dir")
     else:

@@ -80,7 +80,8 @@ class _Templates:
     """The MNI templates resampled once onto the output grid, plus unit fields (voxel units)."""
     affine: np.ndarray      # output voxel -> RAS mm
     t1: np.ndarray          # (S,S,S) T1 intensities in [0, 1]
-    deep: np.ndarray        # (S,S,S) T1 x deep-GM weight (so 1 - b*deep/t1 darkens deep GM)
+    deep: np.ndarray        # (S,S,S) deep-GM weight in [0, 1] (putamen, caudate, midbrain x GM probability)
+    tissue: np.ndarray      # (S,S,S) WM - GM probability: scanners differ in GM/WM contrast
     grid: np.ndarray        # (3,S,S,S) voxel indices minus the centre
     shrink: np.ndarray      # (3,S,S,S) displacement that shrinks deep GM when scaled up
     ventricle: np.ndarray   # (3,S,S,S) displacement that enlarges the lateral ventricles
@@ -112,15 +113,16 @@ def _bump_field(world: np.ndarray, centre, sigma, voxel: float) -> tuple[np.ndar
 def _load_templates(shape: int) -> _Templates:
     from nilearn import datasets  # local: nilearn is slow to import and only needed here
 
-    imgs = [datasets.load_mni152_template(resolution=1), datasets.load_mni152_gm_template(resolution=1)]
-    t1, gm = (np.asarray(i.dataobj, dtype=np.float32) for i in imgs)
+    imgs = [datasets.load_mni152_template(resolution=1), datasets.load_mni152_gm_template(resolution=1),
+            datasets.load_mni152_wm_template(resolution=1)]
+    t1, gm, wm = (np.asarray(i.dataobj, dtype=np.float32) for i in imgs)
     src = imgs[0].affine
     idx = np.argwhere(t1 > 0.01)
     centre = np.round((src[:3, :3] @ (idx.min(0) + idx.max(0)) / 2 + src[:3, 3]))
     voxel = FOV_MM / shape
     affine = np.diag([voxel, voxel, voxel, 1.0])
     affine[:3, 3] = centre - voxel * (shape - 1) / 2
-    t1_out, gm_out = (np.clip(_resample(d, src, affine, shape, voxel), 0, None) for d in (t1, gm))
+    t1_out, gm_out, wm_out = (np.clip(_resample(d, src, affine, shape, voxel), 0, None) for d in (t1, gm, wm))
     ijk = np.indices((shape,) * 3, dtype=np.float32)
     world = np.einsum("ij,jxyz->ixyz", affine[:3, :3].astype(np.float32), ijk) + \
         affine[:3, 3].astype(np.float32).reshape(3, 1, 1, 1)
@@ -134,8 +136,15 @@ def _load_templates(shape: int) -> _Templates:
         ventricle -= _bump_field(world, c, s, voxel)[1]
     x = (np.arange(shape) + 0.5) / shape
     basis = np.stack([np.cos(np.pi * k * x) for k in range(_BASIS)]).astype(np.float32)
-    return _Templates(affine=affine, t1=t1_out, deep=t1_out * np.clip(weight * gm_out, 0, 1),
+    return _Templates(affine=affine, t1=t1_out, deep=np.clip(weight * gm_out, 0, 1), tissue=wm_out - gm_out,
                       grid=ijk - (shape - 1) / 2, shrink=shrink, ventricle=ventricle, basis=basis)
+
+
+def _site_volumes(tpl: _Templates, site: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The site's T1 contrast and T1 x deep-GM weight, once per site (warping is linear, so the scan's
+    deep-GM darkening is warp(t1) - b * warp(t1 * deep))."""
+    t1 = tpl.t1 * (1.0 + np.float32(site["contrast"]) * tpl.tissue)
+    return t1, t1 * tpl.deep
 
 
 def _smooth(coef: np.ndarray, basis: np.ndarray) -> np.ndarray:
@@ -171,7 +180,7 @@ def _plan(subjects: int, sites: int, seed: int, dicom_fraction: float):
             "pd_share": float(shares[k]), "scale": 0.75 + 0.6 * ranks[0][k] + r.normal(0, 0.02),
             "noise": 0.012 + 0.03 * ranks[1][k], "blur": np.array([0.2, 0.2, 0.2 + 1.0 * ranks[2][k]]),
             "gamma": float(r.uniform(0.9, 1.1)), "rician": bool(r.random() < 0.5),
-            "bias": _coefficients(r, 1, 0.12)})
+            "bias": _coefficients(r, 1, 0.12), "contrast": float(r.uniform(-0.15, 0.15))})
     sizes = 4 + rng.multinomial(subjects - 4 * sites, rng.dirichlet(np.full(sites, 2.5)))
     site_of = rng.permutation(np.repeat(np.arange(sites), sizes))
     patnos = rng.choice(np.arange(3000, 3000 + max(2000, 4 * subjects)), subjects, replace=False)
@@ -218,8 +227,10 @@ def _anatomy(seed: int, subject: dict, basis: np.ndarray, voxel: float) -> dict:
             "severity": float(_rng(seed, "severity", subject["index"]).uniform(0.4, 1.6))}
 
 
-def _render(tpl: _Templates, site: dict, subject: dict, anatomy: dict, scan: dict, effect: float, seed: int):
-    """One scan as float32 (S,S,S): warp the template, apply PD, then the site's scanner profile."""
+def _render(tpl: _Templates, volumes: tuple, site: dict, subject: dict, anatomy: dict, scan: dict, effect: float,
+            seed: int) -> np.ndarray:
+    """One scan as float32 (S,S,S): warp the site's template (:func:`_site_volumes`), apply PD, then the
+    site's scanner profile."""
     r = _rng(seed, "scan", subject["index"], scan["visit"])
     voxel = tpl.affine[0, 0]
     years = scan["visit"]
@@ -233,12 +244,13 @@ def _render(tpl: _Templates, site: dict, subject: dict, anatomy: dict, scan: dic
     if pd:
         u += tpl.shrink * np.float32(PD_SHRINK * pd)
     centre = (tpl.t1.shape[0] - 1) / 2
+    t1, deep = volumes
     p = np.einsum("ij,jxyz->ixyz", m.astype(np.float32), tpl.grid) + u
     p += (centre + shift).astype(np.float32).reshape(3, 1, 1, 1)
-    img = ndimage.map_coordinates(tpl.t1, p, order=1, mode="constant", cval=0.0, output=np.float32)
+    img = ndimage.map_coordinates(t1, p, order=1, mode="constant", cval=0.0, output=np.float32)
     if pd:
-        img -= np.float32(min(PD_DARKEN * pd, 0.6)) * ndimage.map_coordinates(tpl.deep, p, order=1, mode="constant",
-                                                                    cval=0.0, output=np.float32)
+        darken = np.float32(min(PD_DARKEN * pd, 0.6))
+        img -= darken * ndimage.map_coordinates(deep, p, order=1, mode="constant", cval=0.0, output=np.float32)
     img = np.clip(img, 0, None) ** np.float32(site["gamma"] * anatomy["gamma"])
     bias = np.exp(_smooth(site["bias"] + _coefficients(r, 1, 0.03), tpl.basis)[0])
     img *= bias * np.float32(1000.0 * site["scale"] * math.exp(r.normal(0, 0.02)))
@@ -368,7 +380,7 @@ def _check_args(out: Path, subjects, sites, shape, effect, seed, dicom_fraction)
     if not (0.1 <= dicom_fraction <= 1.0):
         problems.append(f"--dicom-fraction must be in [0.1, 1] so the DICOM path is exercised, got {dicom_fraction!r}")
     if problems:
-        raise DataError("phantom: " + "; ".join(problems))
+        raise DataError("; ".join(problems))
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose another OUT folder for the phantom.")
 
@@ -387,9 +399,10 @@ def _prepare_out(out: Path) -> None:
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
         raise DataError(f"{out}: folder is not empty and is not a fedpd phantom (no valid {MARKER}); it holds "
-                        f"{', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}. Choose a new or empty "
-                        "OUT folder; fedpd never overwrites data it did not write.")
+                        f"{', '.join(entries[:5])}{more}. Choose a new or empty OUT folder; fedpd never overwrites "
+                        "data it did not write.")
     foreign = [e for e in entries if e not in {MARKER, IDA_CSV, CENTRES_CSV, "PPMI"} and not e.endswith(".partial")]
     if foreign:
         raise DataError(f"{out}: previous phantom folder also holds {', '.join(foreign[:5])}, which the phantom did "
@@ -430,11 +443,13 @@ def generate_phantom(out, subjects: int = 120, sites: int = 3, shape: int = 64, 
     params = {"subjects": subjects, "sites": sites, "shape": shape, "effect": effect, "seed": seed,
               "dicom_fraction": dicom_fraction}
     marker = {"generator": "fedpd phantom", "complete": False, "params": params,
-              "note": "synthetic data for software testing; never a clinical result"}
+              "note": "synthetic data for software testing; never a clinical result. complete=false: generation "
+                      "was interrupted; run fedpd phantom again"}
     _write_atomic(out / MARKER, json.dumps(marker, indent=2).encode())
     site_list, subject_list, scans, downloaded = _plan(subjects, sites, seed, dicom_fraction)
     tpl = _load_templates(shape)
     voxel = float(tpl.affine[0, 0])
+    volumes = [_site_volumes(tpl, site) for site in site_list]
     anatomy: dict[int, dict] = {}
     for scan in tqdm(sorted(scans, key=lambda s: (s["subject"], s["visit"])), desc="phantom", unit="scan"):
         subject = subject_list[scan["subject"]]
@@ -442,7 +457,7 @@ def generate_phantom(out, subjects: int = 120, sites: int = 3, shape: int = 64, 
         if subject["index"] not in anatomy:
             anatomy.clear()  # visits of a subject are consecutive: keep one subject's fields at a time
             anatomy[subject["index"]] = _anatomy(seed, subject, tpl.basis, voxel)
-        vol = _render(tpl, site, subject, anatomy[subject["index"]], scan, effect, seed)
+        vol = _render(tpl, volumes[subject["site"]], site, subject, anatomy[subject["index"]], scan, effect, seed)
         _write_scan(out, vol, tpl, subject, site, scan, seed)
     _write_csv(out / CENTRES_CSV, ["PATNO", "CNO"],
                sorted(((s["patno"], site_list[s["site"]]["cno"]) for s in subject_list), key=lambda r: int(r[0])),
@@ -484,7 +499,8 @@ def _print_summary(s: dict) -> None:
     lines = [f"phantom: wrote {s['out']}: {s['subjects']} subjects, {s['scans']} scans ({s['dicom']} DICOM series, "
              f"{s['nifti']} NIfTI), {s['shape']}^3 at {s['voxel_mm']:g} mm, effect {s['effect']:g}, seed {s['seed']}, "
              f"{s['seconds']:.1f} s",
-             f"  {'site':<10} {'CNO':>4} {'scans':>6} {'PD':>4} {'Control':>8} {'Prodromal':>10} {'SWEDD':>6}  (subjects)"]
+             f"  {'site':<10} {'CNO':>4} {'scans':>6} {'PD':>4} {'Control':>8} {'Prodromal':>10} {'SWEDD':>6}"
+             "  (subjects by group)"]
     for name, v in s["sites"].items():
         g = v["groups"]
         lines.append(f"  {name:<10} {v['cno']:>4} {v['scans']:>6} {g['PD']:>4} {g['Control']:>8} {g['Prodromal']:>10} "

@@ -1,0 +1,257 @@
+"""The run folder (``common/run.py``): self-describing checkpoints written atomically, clear errors for
+files that are not fedpd checkpoints, ``rounds.jsonl`` bookkeeping, and round selection on validation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.errors import CheckpointError
+from common.run import CHECKPOINT_FORMAT, RunDir, atomic_write_text, dumps, select_round
+
+
+def small_state(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "conv.weight": rng.standard_normal((4, 1, 3, 3, 3)).astype(np.float32),
+        "bn.running_var": rng.random(4).astype(np.float32) + 0.1,
+        "bn.num_batches_tracked": np.asarray(7, dtype=np.int64),
+    }
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def run(tmp_path):
+    return RunDir(tmp_path / "run").prepare()
+
+
+@pytest.fixture
+def cfg_dict():
+    return RunConfig.from_mapping({"input-shape": "16,16,16", "out-dir": "/tmp/x"}).to_dict()
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(run, cfg_dict):
+    state = small_state()
+    metrics = {"round": 3, "val": {"auc": 0.75, "loss": np.float64(0.5), "n": np.int64(12), "ece": float("nan")}}
+    path = run.save_checkpoint(3, state, config=cfg_dict, metrics=metrics, model={"depth": 10, "num_classes": 2},
+                               strategy={"name": "fedavg", "round": 3})
+    assert path == run.checkpoint_path(3) == run.root / "checkpoints" / "round-3.pt"
+
+    # a plain weights_only load works: nothing in the payload needs pickle's arbitrary classes
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["format"] == CHECKPOINT_FORMAT
+
+    ckpt = RunDir.load_checkpoint(path)
+    assert ckpt["format"] == CHECKPOINT_FORMAT
+    assert ckpt["round"] == 3
+    assert set(ckpt["state_dict"]) == set(state)
+    for k, v in state.items():
+        assert isinstance(ckpt["state_dict"][k], torch.Tensor)
+        np.testing.assert_array_equal(ckpt["state_dict"][k].numpy(), v)
+        assert ckpt["state_dict"][k].numpy().dtype == v.dtype
+    assert ckpt["config"] == cfg_dict
+    assert RunConfig.from_mapping(ckpt["config"], defaults={}).input_size == (16, 16, 16)
+    assert ckpt["model"] == {"depth": 10, "num_classes": 2}
+    assert ckpt["strategy"] == {"name": "fedavg", "round": 3}
+    # metrics are stored as plain JSON values: numpy scalars converted, NaN as None
+    assert ckpt["metrics"] == {"round": 3, "val": {"auc": 0.75, "loss": 0.5, "n": 12, "ece": None}}
+    assert type(ckpt["metrics"]["val"]["n"]) is int
+    assert isinstance(ckpt["git_commit"], str) and ckpt["git_commit"]
+
+
+def test_checkpoint_files_atomic_and_readable(run, cfg_dict):
+    for r in (1, 2, 2):  # saving the same round twice replaces it
+        run.save_checkpoint(r, small_state(r), config=cfg_dict, metrics={}, model={"depth": 10})
+    files = sorted(p.name for p in run.checkpoints.iterdir())
+    assert files == ["round-1.pt", "round-2.pt"]  # no leftover .tmp files
+    assert not list(run.root.rglob("*.tmp"))
+    for p in run.checkpoints.iterdir():
+        assert mode(p) == 0o644
+    assert run.saved_rounds() == [1, 2]
+
+
+def test_saved_rounds_ignores_other_files(run, cfg_dict):
+    for r in (10, 2):
+        run.save_checkpoint(r, small_state(), config=cfg_dict, metrics={}, model={})
+    (run.checkpoints / "round-best.pt").write_bytes(b"x")
+    (run.checkpoints / ".round-11.pt.abc.tmp").write_bytes(b"x")
+    assert run.saved_rounds() == [2, 10]  # numeric order, not string order
+
+
+def test_load_checkpoint_missing_file(run):
+    with pytest.raises(CheckpointError, match="no such checkpoint file") as exc:
+        RunDir.load_checkpoint(run.checkpoint_path(4))
+    assert "round-4.pt" in str(exc.value)
+
+
+def test_load_checkpoint_truncated_file(run, cfg_dict):
+    path = run.save_checkpoint(1, small_state(), config=cfg_dict, metrics={}, model={})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated") as exc:
+        RunDir.load_checkpoint(path)
+    assert str(path) in str(exc.value)
+
+
+def test_load_checkpoint_garbage_file(tmp_path):
+    path = tmp_path / "round-1.pt"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable fedpd checkpoint"):
+        RunDir.load_checkpoint(path)
+
+
+def test_load_checkpoint_medicalnet_file_has_no_format(tmp_path):
+    path = tmp_path / "resnet_10.pth"
+    torch.save({"state_dict": {"module.conv1.weight": torch.zeros(2, 1, 7, 7, 7)}}, path)
+    with pytest.raises(CheckpointError, match="not a fedpd run checkpoint") as exc:
+        RunDir.load_checkpoint(path)
+    msg = str(exc.value)
+    assert str(path) in msg and CHECKPOINT_FORMAT in msg and "pretrained-path" in msg
+
+
+def test_load_checkpoint_bare_tensor_dict(tmp_path):
+    path = tmp_path / "bare.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="not a fedpd run checkpoint"):
+        RunDir.load_checkpoint(path)
+
+
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError)
+
+
+# --- rounds.jsonl ------------------------------------------------------------------------------
+
+
+def test_append_read_truncate_rounds(run):
+    assert run.read_rounds() == []
+    for r in (1, 2, 3, 4):
+        run.append_round({"round": r, "val": {"auc": r / 10, "loss": float("nan")}})
+    lines = run.rounds_file.read_text().splitlines()
+    assert len(lines) == 4
+    assert all("NaN" not in line for line in lines)
+    for line in lines:
+        json.loads(line)  # strict JSON, one object per line
+    records = run.read_rounds()
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["val"] == {"auc": 0.1, "loss": None}
+
+    kept = run.truncate_rounds(2)
+    assert [r["round"] for r in kept] == [1, 2]
+    assert [r["round"] for r in run.read_rounds()] == [1, 2]
+    assert mode(run.rounds_file) == 0o644
+    assert not list(run.root.glob(".*.tmp"))
+
+    run.append_round({"round": 3})  # appending after a truncation continues the file
+    assert [r["round"] for r in run.read_rounds()] == [1, 2, 3]
+    assert run.truncate_rounds(0) == []
+    assert run.read_rounds() == []
+
+
+def test_read_rounds_skips_blank_lines(run):
+    run.rounds_file.write_text('{"round": 1}\n\n{"round": 2}\n')
+    assert [r["round"] for r in run.read_rounds()] == [1, 2]
+
+
+def test_write_json_and_atomic_write_text(run):
+    path = run.write_json("report.json", {"a": float("nan"), "b": np.int64(2), "c": [np.float32(0.5)]})
+    assert json.loads(path.read_text()) == {"a": None, "b": 2, "c": [0.5]}
+    assert mode(path) == 0o644
+    target = run.root / "sub" / "x.txt"
+    atomic_write_text(target, "hello")
+    assert target.read_text() == "hello" and mode(target) == 0o644
+    assert not list(run.root.rglob("*.tmp"))
+
+
+def test_prepare_unwritable_folder_names_out_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="out-dir"):
+        RunDir(blocker / "run").prepare()
+
+
+# --- dumps -------------------------------------------------------------------------------------
+
+
+def test_dumps_writes_nan_and_inf_as_null():
+    text = dumps({"nan": float("nan"), "inf": float("inf"), "np": np.float64("nan"),
+                  "nested": [1, {"x": -math.inf}], "ok": 0.25, "arr": np.array([1.0, np.nan])})
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"nan": None, "inf": None, "np": None, "nested": [1, {"x": None}], "ok": 0.25,
+                                "arr": [1.0, None]}
+
+
+def test_dumps_rejects_unknown_types():
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        dumps({"x": object()})
+
+
+# --- select_round ------------------------------------------------------------------------------
+
+
+def rec(round_, auc, loss=0.5):
+    return {"round": round_, "val": {"auc": auc, "loss": loss}}
+
+
+def test_select_round_highest_val_auc():
+    assert select_round([rec(1, 0.6), rec(2, 0.9), rec(3, 0.7)]) == 2
+
+
+def test_select_round_tie_goes_to_lower_val_loss():
+    assert select_round([rec(1, 0.8, loss=0.7), rec(2, 0.8, loss=0.4), rec(3, 0.8, loss=0.6)]) == 2
+
+
+def test_select_round_full_tie_goes_to_earlier_round():
+    assert select_round([rec(3, 0.8, 0.5), rec(1, 0.8, 0.5), rec(2, 0.8, 0.5)]) == 1
+
+
+def test_select_round_nan_loss_loses_tie():
+    assert select_round([rec(1, 0.8, loss=float("nan")), rec(2, 0.8, loss=0.9)]) == 2
+    assert select_round([rec(1, 0.8, loss=None), rec(2, 0.8, loss=0.9)]) == 2
+
+
+@pytest.mark.parametrize("missing", [float("nan"), None])
+def test_select_round_nan_or_none_auc_never_wins(missing):
+    records = [rec(1, missing, loss=0.01), rec(2, 0.51, loss=5.0), rec(3, missing, loss=0.001)]
+    assert select_round(records) == 2
+
+
+def test_select_round_after_json_round_trip(run):
+    """rounds.jsonl stores NaN AUC as null; selection must still skip it."""
+    for r in (rec(1, float("nan"), 0.1), rec(2, 0.55, 0.9), rec(3, 0.7, 0.8)):
+        run.append_round(r)
+    assert run.read_rounds()[0]["val"]["auc"] is None
+    assert select_round(run.read_rounds()) == 3
+
+
+def test_select_round_other_metric():
+    records = [{"round": 1, "val": {"auc": 0.9, "balanced_accuracy": 0.5, "loss": 0.5}},
+               {"round": 2, "val": {"auc": 0.6, "balanced_accuracy": 0.7, "loss": 0.5}}]
+    assert select_round(records, metric="balanced_accuracy") == 2
+
+
+def test_select_round_empty_raises():
+    with pytest.raises(ValueError, match="no round has a validation auc or loss"):
+        select_round([])
+    with pytest.raises(ValueError, match="no round has"):
+        select_round([{"round": 1}, {"round": 2, "val": {}}])
+
+
+def test_select_round_all_auc_undefined_falls_back_to_loss_with_warning():
+    records = [{"round": 1, "val": {"auc": None, "loss": 0.7}}, {"round": 2, "val": {"auc": float("nan"), "loss": 0.6}}]
+    with pytest.warns(RuntimeWarning, match="undefined in every round"):
+        assert select_round(records) == 2

@@ -5,6 +5,8 @@ Handlers unpack the message, call ``common/`` and pack the reply; nothing per-sa
 
 from __future__ import annotations
 
+import warnings
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -12,7 +14,7 @@ from common import keys
 from common.config import RunConfig
 from common.device import runtime
 from common.evaluation import eval_loader, make_model, train_loader
-from common.metrics import binary_metrics
+from common.metrics import MetricUndefinedWarning, binary_metrics
 from common.train import load_state_numpy, predict, train_local
 from client.site import resolve_site
 
@@ -65,5 +67,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if rows.empty:
         return _reply(msg, site, {keys.NUM_EXAMPLES: 0, **{keys.eval_key(m): float("nan") for m in keys.EVAL_METRICS}})
     res = predict(model, eval_loader(rows, cfg, site.cache_dir), rt)
-    m = binary_metrics(res.y_true, res.y_score) | {"loss": res.loss}
+    with warnings.catch_warnings():  # a one-class val split gives NaN metrics; NaN is the record, no log spam
+        warnings.simplefilter("ignore", MetricUndefinedWarning)
+        m = binary_metrics(res.y_true, res.y_score) | {"loss": res.loss}
     return _reply(msg, site, {keys.NUM_EXAMPLES: int(m["n"]), **{keys.eval_key(k): float(m[k]) for k in keys.EVAL_METRICS}})

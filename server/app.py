@@ -6,6 +6,7 @@ The handler converts Flower objects to plain calls; the loops and the report are
 from __future__ import annotations
 
 import time
+import warnings
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
@@ -16,7 +17,7 @@ from common import keys
 from common.config import RunConfig
 from common.device import runtime
 from common.evaluation import evaluate_rows, finalize_run, make_model
-from common.metrics import binary_metrics
+from common.metrics import MetricUndefinedWarning, binary_metrics
 from server.setup import ServerSetup, prepare
 from server.strategy import RecordingFedAvg
 
@@ -28,7 +29,9 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
     model = make_model(setup.cfg)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     val = evaluate_rows(model, setup.val_rows, setup.cfg, setup.rt, setup.cache_dir)
-    metrics = binary_metrics(val.y_true, val.y_score) | {"loss": val.loss}
+    with warnings.catch_warnings():  # undefined metrics are recorded as NaN/null in rounds.jsonl
+        warnings.simplefilter("ignore", MetricUndefinedWarning)
+        metrics = binary_metrics(val.y_true, val.y_score) | {"loss": val.loss}
     sites = strategy.train_sites.get(g, {})
     total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
     record = {

@@ -116,24 +116,76 @@ def start_supernode(home: Path, superlink: str, *, node_config: str, port: int |
     return _spawn(name, args, home, home / f"{name}.log", port)
 
 
-def stop(proc: Proc | None, timeout: float = 15.0) -> None:
-    """SIGTERM the process group, wait, then SIGKILL what is left. Safe to call twice."""
-    if proc is None or proc.popen.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.popen.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) for every live process (zombies left out), from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
-    # the SuperExec children share the group; make sure none survives the parent
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def _tree(root: int) -> tuple[set[int], set[int]]:
+    """All descendants of ``root`` (itself included) and the process groups they are in.
+
+    Flower's SuperExec starts its own session, and the simulation's Ray workers are re-parented to init
+    but stay in that group, so killing only the SuperLink's group leaves a simulation running.
+    """
+    table = _process_table()
+    pids, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in table.items():
+            if ppid == parent and pid not in pids:
+                pids.add(pid)
+                frontier.append(pid)
+    groups = {table[p][1] for p in pids if p in table}
+    return pids, groups
+
+
+def _signal_all(pids: set[int], groups: set[int], sig: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pids: set[int], groups: set[int]) -> bool:
+    table = _process_table()
+    return any(p in table for p in pids) or any(g in groups for _, g in table.values())
+
+
+def stop(proc: Proc | None, timeout: float = 15.0) -> None:
+    """Stop a started process and everything it started: SIGTERM, wait, then SIGKILL. Safe to call twice."""
+    if proc is None:
+        return
+    pids, groups = _tree(proc.pid)
+    groups.add(proc.pid)  # its own session/group (start_new_session)
+    groups.discard(os.getpgrp())  # never signal our own group
+    _signal_all(pids, groups, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.popen.poll()  # reap our direct child
+        if not _alive(pids, groups):
+            break
+        time.sleep(0.2)
+    else:
+        _signal_all(pids, groups, signal.SIGKILL)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        proc.popen.wait(timeout=5)
+    except subprocess.TimeoutExpired:
         pass
 
 

@@ -81,18 +81,25 @@ def main() -> None:
         train_local(model, loader, epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt, class_weights=w)
         images = torch.randn(len(rows), 1, *cfg.input_size)
         labels = torch.as_tensor(rows["label"].to_numpy(), dtype=torch.long)
-        ours, bare = [], []
+        ours, bare, pipe = [], [], []
         for r in range(a.repeats):
             loader, _, w = train_loader(rows, cfg, cache, seed=2 + r)  # what the ClientApp does each round
             res = train_local(model, loader, epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt, class_weights=w)
             ours.append(res.samples_per_second)
             bare.append(torch_loop(model, images, labels, a.batch_size, cfg.lr, rt))
+            loader, _, _ = train_loader(rows, cfg, cache, seed=100 + r)  # the data path alone, no model
+            t = time.perf_counter()
+            n = sum(len(batch["label"]) for batch in loader)
+            pipe.append(n / (time.perf_counter() - t))
     mo, mb = statistics.median(ours), statistics.median(bare)
     print(f"device {rt.describe()}, torch threads {torch.get_num_threads()}, Med3D resnet_10, input {a.shape}^3, "
           f"batch {a.batch_size}, {len(rows)} scans, num-workers {a.num_workers}, class-balancing {a.class_balancing}")
     print(f"fedpd site (round >= 2) samples/s: " + ", ".join(f"{x:.2f}" for x in ours) + f"  median {mo:.2f}")
     print(f"bare torch loop     samples/s: " + ", ".join(f"{x:.2f}" for x in bare) + f"  median {mb:.2f}")
-    print(f"ratio fedpd / torch (medians): {mo / mb:.3f}")
+    mp = statistics.median(pipe)
+    print(f"data pipeline alone samples/s: " + ", ".join(f"{x:.1f}" for x in pipe) + f"  median {mp:.1f}")
+    print(f"ratio fedpd / torch (medians): {mo / mb:.3f}; serial model 1/(1/torch + 1/pipeline) predicts "
+          f"{1 / (1 / mb + 1 / mp) / mb:.3f}")
 
 
 if __name__ == "__main__":

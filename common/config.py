@@ -31,10 +31,10 @@ def _choice(options):
     return check
 
 
-def _at_least(lo, strict=False):
+def _at_least(lo, exclusive=False):
     def check(v):
-        ok = v > lo if strict else v >= lo
-        return None if ok else f"must be {'>' if strict else '>='} {lo}"
+        ok = v > lo if exclusive else v >= lo
+        return None if ok else f"must be {'>' if exclusive else '>='} {lo}"
     return check
 
 
@@ -60,7 +60,7 @@ _SPEC: dict[str, tuple[type, Any, str]] = {
     "num-server-rounds": (int, _at_least(1), "federated rounds"),
     "local-epochs": (int, _at_least(1), "epochs each site trains per round"),
     "batch-size": (int, _at_least(1), "scans per batch"),
-    "lr": (float, _at_least(0.0, strict=True), "learning rate (Adam)"),
+    "lr": (float, _at_least(0.0, exclusive=True), "learning rate (Adam)"),
     "weight-decay": (float, _at_least(0.0), "AdamW weight decay"),
     "dropout": (float, lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)", "dropout before the linear head"),
     "model-depth": (int, _choice(MODEL_DEPTHS), "Med3D / MedicalNet ResNet depth"),
@@ -77,7 +77,7 @@ _SPEC: dict[str, tuple[type, Any, str]] = {
     "out-dir": (str, None, "where checkpoints, rounds.jsonl and the report go"),
     "resume": (bool, None, "continue from the last checkpoint in out-dir"),
     "seed": (int, _at_least(0), "random seed"),
-    "round-timeout": (float, _at_least(0.0, strict=True), "seconds to wait for replies per round"),
+    "round-timeout": (float, _at_least(0.0, exclusive=True), "seconds to wait for replies per round"),
     "num-workers": (int, _at_least(0), "DataLoader worker processes"),
 }
 

@@ -54,6 +54,16 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
     return MetricRecord({"val-auc": float(metrics["auc"]), "val-loss": float(val.loss)})
 
 
+def _site_counts(records: list[dict]) -> dict[str, dict]:
+    """Per site, the training class counts and num-examples it last reported (counts only, never rows)."""
+    counts: dict[str, dict] = {}
+    for rec in records:
+        for site, m in rec.get("sites", {}).items():
+            counts[site] = {"control": int(m.get(keys.class_count_key(0), 0)), "pd": int(m.get(keys.class_count_key(1), 0)),
+                            "num_examples": int(m.get(keys.NUM_EXAMPLES, 0)), "round": rec["round"]}
+    return counts
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federated rounds that are left, then select, test once and write the report."""
@@ -79,6 +89,6 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=evaluate_fn,
         )
     report = finalize_run(setup.run, cfg, setup.rt, setup.val_rows, setup.test_rows, setup.cache_dir,
-                          extra={"data": setup.data_info})
+                          extra={"data": setup.data_info | {"site_train_counts": _site_counts(setup.run.read_rounds())}})
     auc = report["test"]["auc"]
     log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %s)", setup.run.report_file, auc["value"], auc["ci95"])

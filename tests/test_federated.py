@@ -83,6 +83,9 @@ def _check_outputs(out: Path, rounds: int, sites: set[str]):
     assert 1 <= report["selected_round"] <= rounds
     assert set(report["test"]["auc"]) >= {"value", "ci95"}
     assert set(report["test_per_site"]) <= sites
+    counts = report["data"]["site_train_counts"]
+    assert set(counts) == sites and all(c["pd"] + c["control"] == c["num_examples"] > 0 for c in counts.values())
+    assert report["data"]["server_split_audit"]["subjects_shared_across_splits"] == 0
     return recs, report
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -45,6 +46,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site, rt, model, g = _setup(msg, context)
     rows = site.rows("train")
     seed = cfg.seed + 1000 * site.index + g  # new augmentation/sampler draws every round, reproducible
+    torch.manual_seed(seed)  # dropout draws, like the sampler and augmentation, follow (seed, site, round)
     loader, counts, weights = train_loader(rows, cfg, site.cache_dir, seed)
     result = train_local(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          rt=rt, class_weights=weights, num_examples=len(rows))

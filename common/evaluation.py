@@ -31,6 +31,7 @@ log = logging.getLogger("fedpd.evaluation")
 def make_model(cfg: RunConfig, pretrained: bool = False) -> torch.nn.Module:
     """The Med3D of this run-config; MedicalNet weights only when ``pretrained`` (server init)."""
     path = cfg.pretrained_path if (pretrained and cfg.pretrained_path) else None
+    torch.manual_seed(cfg.seed)  # the random initialisation (from scratch, and the head) follows the run's seed
     return build_med3d(depth=cfg.model_depth, num_classes=2, pretrained=path, dropout=cfg.dropout)
 
 

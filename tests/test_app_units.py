@@ -454,3 +454,13 @@ def test_client_handlers_reply_with_contract_keys(tmp_path, med3d_state):
     assert set(metrics) == expected_keys
     assert metrics[keys.NUM_EXAMPLES] == 0
     assert math.isnan(metrics[keys.eval_key("auc")])
+
+
+def test_make_model_initialisation_follows_the_run_seed():
+    from common.evaluation import make_model
+
+    cfg = make_cfg()
+    a, b, c = make_model(cfg), make_model(cfg), make_model(cfg.replace(seed=cfg.seed + 1))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values())
+               if x.dtype.is_floating_point)

@@ -31,8 +31,9 @@ log = logging.getLogger("fedpd.evaluation")
 def make_model(cfg: RunConfig, pretrained: bool = False) -> torch.nn.Module:
     """The Med3D of this run-config; MedicalNet weights only when ``pretrained`` (server init)."""
     path = cfg.pretrained_path if (pretrained and cfg.pretrained_path) else None
-    torch.manual_seed(cfg.seed)  # the random initialisation (from scratch, and the head) follows the run's seed
-    return build_med3d(depth=cfg.model_depth, num_classes=2, pretrained=path, dropout=cfg.dropout)
+    with torch.random.fork_rng(devices=[]):  # seed the initialisation without resetting the caller's RNG
+        torch.manual_seed(cfg.seed)  # random init (from scratch, and the head) follows the run's seed
+        return build_med3d(depth=cfg.model_depth, num_classes=2, pretrained=path, dropout=cfg.dropout)
 
 
 def _records(rows: pd.DataFrame) -> list[dict]:

@@ -16,7 +16,7 @@ from logging import INFO
 from common import keys
 from common.config import RunConfig
 from common.device import runtime
-from common.evaluation import evaluate_rows, finalize_run, make_model
+from common.evaluation import evaluate_rows, finalize_run
 from common.metrics import MetricUndefinedWarning, binary_metrics
 from server.setup import ServerSetup, prepare
 from server.strategy import RecordingFedAvg
@@ -26,7 +26,7 @@ app = ServerApp()
 
 def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays: ArrayRecord) -> MetricRecord:
     """Evaluate the global model of global round ``g`` on the server's val rows, checkpoint, log the round."""
-    model = make_model(setup.cfg)
+    model = setup.model
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     val = evaluate_rows(model, setup.val_rows, setup.cfg, setup.rt, setup.cache_dir)
     with warnings.catch_warnings():  # undefined metrics are recorded as NaN/null in rounds.jsonl
@@ -84,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
             return _round_record(setup, strategy, strategy.global_round(server_round), arrays)
 
         strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(setup.initial_state), num_rounds=remaining,
+            grid=grid, initial_arrays=ArrayRecord(setup.model.state_dict()), num_rounds=remaining,
             timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
             evaluate_fn=evaluate_fn,
         )

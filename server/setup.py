@@ -43,7 +43,7 @@ class ServerSetup:
     test_rows: pd.DataFrame
     cache_dir: Path
     start_round: int
-    initial_state: dict[str, torch.Tensor]
+    model: torch.nn.Module  # initial weights; reused (weights replaced) for every round's validation
     model_args: dict
     data_info: dict = field(default_factory=dict)
 
@@ -90,4 +90,4 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
             data_info["partition"] = json.loads(part.read_text())
     return ServerSetup(cfg=cfg, rt=rt, run=run, val_rows=val_rows, test_rows=test_rows,
                        cache_dir=out / "cache" / "server", start_round=start_round,
-                       initial_state=model.state_dict(), model_args=model_args, data_info=data_info)
+                       model=model, model_args=model_args, data_info=data_info)

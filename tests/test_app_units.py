@@ -313,7 +313,8 @@ def test_prepare_fresh_run(server_csv, tmp_path):
     assert setup.model_args == {"depth": 10, "num_classes": 2, "dropout": cfg.dropout}
     assert (out / "config.json").is_file()
     assert setup.data_info["server_split_audit"]["total"]
-    assert "backbone.conv1.weight" in setup.initial_state and "head.fc.weight" in setup.initial_state
+    state = setup.model.state_dict()
+    assert "backbone.conv1.weight" in state and "head.fc.weight" in state
 
 
 @pytest.mark.parametrize("key", ["out-dir", "server-manifest"])
@@ -371,9 +372,10 @@ def test_prepare_resume_from_last_checkpoint(server_csv, tmp_path, med3d_state):
     setup = prepare(cfg, CPU)
     assert setup.start_round == 2
     assert [r["round"] for r in setup.run.read_rounds()] == [1, 2]  # round 3 had no checkpoint: dropped
-    assert set(setup.initial_state) == set(med3d_state)
+    initial_state = setup.model.state_dict()
+    assert set(initial_state) == set(med3d_state)
     for k, v in med3d_state.items():
-        t = setup.initial_state[k]
+        t = initial_state[k]
         assert t.dtype == torch.as_tensor(v).dtype
         np.testing.assert_array_equal(t.numpy(), v)
 

@@ -17,9 +17,11 @@ from common.device import runtime
 from common.evaluation import eval_loader, make_model, train_loader
 from common.metrics import MetricUndefinedWarning, binary_metrics
 from common.train import load_state_numpy, predict, train_local
+from client.audit import audit_mod
 from client.site import resolve_site
 
-app = ClientApp()
+# audit_mod does nothing unless FEDPD_AUDIT_LOG is set on the SuperNode (client/audit.py)
+app = ClientApp(mods=[audit_mod])
 
 
 def _setup(msg: Message, context: Context):

@@ -7,6 +7,7 @@ subject-level bootstrap confidence intervals.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -20,10 +21,11 @@ from common.data import build_dataset, class_counts, class_weights, make_loader
 from common.device import Runtime
 from common.metrics import binary_metrics, bootstrap_ci, best_threshold
 from common.model import build_med3d
-from common.run import RunDir, select_round
+from common.run import RunDir, atomic_write_bytes, atomic_write_text, select_round
 from common.train import EvalResult, load_state_numpy, predict
 
-__all__ = ["make_model", "train_loader", "eval_loader", "evaluate_rows", "finalize_run", "data_source"]
+__all__ = ["make_model", "train_loader", "eval_loader", "evaluate_rows", "finalize_run", "data_source",
+           "save_selected_model", "PREDICTIONS_FILE", "MODEL_FILE"]
 
 log = logging.getLogger("fedpd.evaluation")
 
@@ -72,15 +74,43 @@ def data_source(rows: pd.DataFrame) -> str:
     return "unknown"
 
 
+def save_selected_model(run: RunDir, ckpt: dict, *, threshold: float, selected_round: int, source: str,
+                        arm: str) -> Path:
+    """``model.pt``: the selected round's checkpoint plus the validated threshold (loadable by RunDir.load_checkpoint)."""
+    payload = dict(ckpt) | {"threshold": float(threshold), "selected_round": int(selected_round), "source": source,
+                            "arm": arm}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    path = run.root / MODEL_FILE
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def _with_ci(y_true, y_score, groups, threshold, seed) -> dict[str, Any]:
     return bootstrap_ci(y_true, y_score, groups, threshold=threshold, n_boot=1000, seed=seed)
 
 
+PREDICTIONS_FILE = "predictions.csv"
+MODEL_FILE = "model.pt"
+
+
+def _predictions(rows: pd.DataFrame, split: str, scores) -> pd.DataFrame:
+    """Per-scan scores of the selected model; stays in the run folder on the server host, never sent anywhere."""
+    cols = [c for c in ("image_id", "subject_id", "site", "label", "path") if c in rows.columns]
+    out = rows[cols].copy()
+    out.insert(0, "split", split)
+    out["score"] = scores
+    return out
+
+
 def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFrame, test_rows: pd.DataFrame,
-                 cache_dir: Path, extra: dict | None = None) -> dict:
+                 cache_dir: Path, extra: dict | None = None, arm: str = "fedavg") -> dict:
     """Select the best round on validation, choose the threshold on validation, evaluate test once.
 
-    Writes and returns ``report.json`` (DESIGN.md "Outputs").
+    Writes ``report.json`` (DESIGN.md "Outputs"), ``predictions.csv`` (val and test scores of the selected
+    model, for the figures) and ``model.pt`` (the selected checkpoint plus its validated ``threshold``, what
+    ``fedpd predict`` loads); returns the report. ``arm`` names the comparison arm (fedavg, centralized,
+    local:<site>, scratch, ...).
     """
     start = time.perf_counter()
     records = run.read_rounds()
@@ -94,6 +124,8 @@ def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFram
     val_metrics = binary_metrics(val.y_true, val.y_score, threshold=threshold)
 
     test = evaluate_rows(model, test_rows, cfg, rt, cache_dir)  # the one and only look at test
+    preds = pd.concat([_predictions(val_rows, "val", val.y_score), _predictions(test_rows, "test", test.y_score)])
+    atomic_write_text(run.root / PREDICTIONS_FILE, preds.to_csv(index=False))
     groups = test_rows["subject_id"].astype(str).to_numpy()
     test_metrics = _with_ci(test.y_true, test.y_score, groups, threshold, cfg.seed)
     per_site = {}
@@ -101,9 +133,12 @@ def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFram
         idx = list(idx)
         per_site[str(site)] = _with_ci(test.y_true[idx], test.y_score[idx], groups[idx], threshold, cfg.seed)
 
+    source = data_source(pd.concat([val_rows, test_rows]))
+    save_selected_model(run, ckpt, threshold=threshold, selected_round=selected, source=source, arm=arm)
     report = {
+        "arm": arm,
         "data": {
-            "source": data_source(pd.concat([val_rows, test_rows])),
+            "source": source,
             **(extra or {}).get("data", {}),
         },
         "selected_round": selected,

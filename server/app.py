@@ -42,6 +42,7 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
         "site_eval": strategy.eval_sites.get(g, {}),
         "missing_sites": strategy.missing_sites(g),
         "failures": strategy.failed.get(g, []),
+        "rejected": strategy.rejected.get(g, []),
         "val": metrics,
         "wall_seconds": time.time() - strategy.round_started.get(g, time.time()),
     }
@@ -62,6 +63,23 @@ def _site_counts(records: list[dict]) -> dict[str, dict]:
             counts[site] = {"control": int(m.get(keys.class_count_key(0), 0)), "pd": int(m.get(keys.class_count_key(1), 0)),
                             "num_examples": int(m.get(keys.NUM_EXAMPLES, 0)), "round": rec["round"]}
     return counts
+
+
+def _participation(records: list[dict]) -> dict[str, dict]:
+    """Per round: sites aggregated, sites asked that sent no usable update (timed out, failed or rejected),
+    sites seen in this run but not asked (disconnected, or not drawn), and the rejections with reasons."""
+    seen = set()
+    for rec in records:
+        seen |= set(rec.get("sites", {})) | set(rec.get("missing_sites", []))
+    out = {}
+    for rec in records:
+        trained, missing = sorted(rec.get("sites", {})), sorted(rec.get("missing_sites", []))
+        out[str(rec["round"])] = {
+            "trained": trained, "missing": missing, "not_sampled": sorted(seen - set(trained) - set(missing)),
+            "rejected": [{"site": r["site"], "phase": r["phase"], "reason": r["reason"]} for r in rec.get("rejected", [])],
+            "failed": [{"site": f["site"], "phase": f.get("phase"), "reason": f["reason"]} for f in rec.get("failures", [])],
+        }
+    return out
 
 
 @app.main()
@@ -88,7 +106,9 @@ def main(grid: Grid, context: Context) -> None:
             timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
             evaluate_fn=evaluate_fn,
         )
+    records = setup.run.read_rounds()
     report = finalize_run(setup.run, cfg, setup.rt, setup.val_rows, setup.test_rows, setup.cache_dir,
-                          extra={"data": setup.data_info | {"site_train_counts": _site_counts(setup.run.read_rounds())}})
+                          extra={"data": setup.data_info | {"site_train_counts": _site_counts(records)},
+                                 "participation": _participation(records)})
     auc = report["test"]["auc"]
     log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %s)", setup.run.report_file, auc["value"], auc["ci95"])

@@ -1,7 +1,12 @@
-"""FedAvg that also records, per round, which sites were asked, which answered and what they reported.
+"""FedAvg that screens every site reply before aggregating it and records, per round, who took part.
 
-Aggregation itself is Flower's FedAvg (weighted by ``num-examples``); this subclass only keeps the
-per-site scalars that the run log and the report need, and numbers rounds globally across resumes.
+Aggregation itself is Flower's FedAvg (weighted by ``num-examples``). This subclass adds:
+
+- bookkeeping: per-site scalars, which sites were asked and which answered, failures, and global round
+  numbers across resumes (``round_offset``);
+- screening: a reply that could corrupt the global model or crash the aggregation is *rejected* (logged
+  with site and round, kept in ``rejected``) and the others are aggregated. See :func:`check_train_reply`
+  for the rules and why they are what they are.
 """
 
 from __future__ import annotations
@@ -9,7 +14,9 @@ from __future__ import annotations
 import math
 import time
 from logging import INFO, WARNING
+from typing import Iterable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -17,14 +24,157 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 
-__all__ = ["RecordingFedAvg", "nan_aware_mean"]
+__all__ = ["RecordingFedAvg", "nan_aware_mean", "check_train_reply", "check_evaluate_reply", "MAX_NUM_EXAMPLES",
+           "EVALUATE_METRIC_KEYS"]
+
+# Largest number of training samples one site may claim. A site's FedAvg weight is its num-examples, so
+# an inflated count lets one site outweigh all others. 100,000 scans is well above any single centre
+# (all of PPMI holds a few thousand T1 scans) and still stops absurd weights such as 10^12.
+MAX_NUM_EXAMPLES = 100_000
+
+EVALUATE_METRIC_KEYS = (keys.NUM_EXAMPLES, *(keys.eval_key(m) for m in keys.EVAL_METRICS))
+_CLASS_COUNT_PREFIX = keys.class_count_key(0)[:-1]  # "class-count-"
 
 
-def _site_of(msg: Message) -> str:
+def _site_of(msg: Message, node: int) -> str:
     content = msg.content
     if keys.SITE in content.config_records:
-        return str(content.config_records[keys.SITE].get(keys.SITE_NAME, f"node-{msg.metadata.src_node_id}"))
-    return f"node-{msg.metadata.src_node_id}"
+        return str(content.config_records[keys.SITE].get(keys.SITE_NAME, f"node-{node}"))
+    return f"node-{node}"
+
+
+def _short(names: Iterable[str], limit: int = 5) -> str:
+    names = sorted(names)
+    return repr(names[:limit])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > limit else "]")
+
+
+def _check_records(content: RecordDict, arrays: bool) -> str | None:
+    """The reply holds exactly our records: ``arrays`` (train only), ``metrics`` and optionally ``site``."""
+    want_arrays = {keys.ARRAYS} if arrays else set()
+    if (set(content.array_records) == want_arrays and set(content.metric_records) == {keys.METRICS}
+            and set(content.config_records) <= {keys.SITE}):
+        return None
+    found = {name: type(record).__name__ for name, record in content.items()}
+    return (f"records {found}: expected " + ("ArrayRecord 'arrays', " if arrays else "")
+            + "MetricRecord 'metrics' and optionally ConfigRecord 'site'")
+
+
+def _check_metric_keys(metrics: MetricRecord, expected: Iterable[str]) -> str | None:
+    expected = set(expected)
+    if set(metrics) == expected:
+        return None
+    missing, extra = expected - set(metrics), set(metrics) - expected
+    return "metric keys: " + ", ".join(part for part in (
+        f"missing {_short(missing)}" if missing else "", f"unexpected {_short(extra)}" if extra else "") if part)
+
+
+def _check_count(name: str, value, low: int, high: int) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} = {value!r} is not an integer"
+    if value < low:
+        return f"{name} = {value} is below {low}"
+    if value > high:
+        return f"{name} = {value} exceeds the bound {high} (max_num_examples)"
+    return None
+
+
+def check_train_reply(content: RecordDict, reference: dict[str, tuple[int, ...]] | None, *,
+                      metric_keys: Iterable[str] = keys.TRAIN_METRIC_KEYS,
+                      max_num_examples: int = MAX_NUM_EXAMPLES) -> str | None:
+    """Why a site's training reply must not be aggregated, or ``None`` when it may be.
+
+    Rules, in the order they are checked (the first failure is the reason):
+
+    1. Records: exactly the ArrayRecord ``arrays``, the MetricRecord ``metrics`` and at most the
+       ConfigRecord ``site``. Flower's FedAvg raises ``InconsistentMessageReplies`` on extra or missing
+       records, which would stop the whole run because of one site.
+    2. Metric keys: exactly ``metric_keys`` (the ClientApp's ``keys.TRAIN_METRIC_KEYS``), each a finite
+       number (a NaN loss is averaged into the round's loss, and signals diverged training).
+    3. ``num-examples``, the FedAvg weight, is plausible: an integer (it counts samples), at least 1 (a
+       zero weight contributes nothing and a negative one flips the update), at most
+       ``max_num_examples`` (see :data:`MAX_NUM_EXAMPLES`), and equal to the sum of the site's own
+       ``class-count-*`` metrics, which count the same training rows. This bounds the weight by what the
+       site itself reports about its data, so a site cannot claim more samples than it has labels for
+       without also lying in its class counts, which the report shows per site. Class counts are
+       integers >= 0.
+    4. Arrays: the same keys as the global model's ArrayRecord (``reference``, key -> shape); each
+       decodes as a numeric NumPy array of the reference shape (the decoded shape, not only the
+       declared one); every floating value is finite (no NaN/Inf). Integer arrays (BatchNorm's
+       ``num_batches_tracked``) may come back as int or float, as Flower averages them to float.
+
+    Args:
+        content: the reply's RecordDict.
+        reference: key -> shape of the global ArrayRecord sent this round; ``None`` skips the key and shape
+            comparison (the strategy was driven without ``configure_train``), the other checks still run.
+        metric_keys: the exact metric keys a train reply carries.
+        max_num_examples: upper bound of ``num-examples``.
+    """
+    reason = _check_records(content, arrays=True)
+    if reason:
+        return reason
+    metrics = content.metric_records[keys.METRICS]
+    reason = _check_metric_keys(metrics, metric_keys)
+    if reason:
+        return reason
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {name!r} = {value!r} is not a single number"
+        if not math.isfinite(value):
+            return f"metric {name!r} = {value} is not finite"
+    n = metrics[keys.NUM_EXAMPLES]
+    reason = _check_count(keys.NUM_EXAMPLES, n, 1, max_num_examples)
+    if reason:
+        return reason
+    counts = {k: v for k, v in metrics.items() if k.startswith(_CLASS_COUNT_PREFIX)}
+    for name, value in counts.items():
+        reason = _check_count(name, value, 0, max_num_examples)
+        if reason:
+            return reason
+    if counts and sum(counts.values()) != n:
+        return f"num-examples = {n} but the site's class counts sum to {sum(counts.values())} ({dict(sorted(counts.items()))})"
+    return _check_arrays(content.array_records[keys.ARRAYS], reference)
+
+
+def _check_arrays(arrays: ArrayRecord, reference: dict[str, tuple[int, ...]] | None) -> str | None:
+    if reference is not None and set(arrays) != set(reference):
+        missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
+        return "array keys differ from the global model: " + ", ".join(part for part in (
+            f"missing {_short(missing)}" if missing else "", f"unexpected {_short(extra)}" if extra else "") if part)
+    for name, array in arrays.items():
+        try:
+            value = array.numpy()
+        except (TypeError, ValueError, OSError, EOFError) as err:
+            return f"array {name!r} cannot be decoded ({err})"
+        expected = reference[name] if reference is not None else tuple(array.shape)
+        if tuple(value.shape) != tuple(expected) or tuple(array.shape) != tuple(expected):
+            return f"array {name!r} has shape {tuple(value.shape)} (declared {tuple(array.shape)}), the global model's is {tuple(expected)}"
+        if value.dtype.kind not in "biuf":
+            return f"array {name!r} has non-numeric dtype {value.dtype}"
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            return f"array {name!r} holds {bad} non-finite value(s) (NaN/Inf) out of {value.size}"
+    return None
+
+
+def check_evaluate_reply(content: RecordDict, *, metric_keys: Iterable[str] = EVALUATE_METRIC_KEYS,
+                         max_num_examples: int = MAX_NUM_EXAMPLES) -> str | None:
+    """Why a site's evaluation reply must not be averaged, or ``None``.
+
+    The structure rules of :func:`check_train_reply` (no arrays here), and ``num-examples`` an integer in
+    ``[0, max_num_examples]`` (0 = the site has no validation rows). Metric values may be NaN: a
+    one-class validation split has undefined metrics, which :func:`nan_aware_mean` leaves out.
+    """
+    reason = _check_records(content, arrays=False)
+    if reason:
+        return reason
+    metrics = content.metric_records[keys.METRICS]
+    reason = _check_metric_keys(metrics, metric_keys)
+    if reason:
+        return reason
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {name!r} = {value!r} is not a single number"
+    return _check_count(keys.NUM_EXAMPLES, metrics[keys.NUM_EXAMPLES], 0, max_num_examples)
 
 
 def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -49,18 +199,23 @@ def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecor
 
 
 class RecordingFedAvg(FedAvg):
-    """FedAvg plus bookkeeping. ``round_offset`` turns Flower's 1..R into global rounds after a resume."""
+    """FedAvg plus screening and bookkeeping. ``round_offset`` turns Flower's 1..R into global rounds
+    after a resume; ``max_num_examples`` bounds a site's claimed sample count (:func:`check_train_reply`)."""
 
-    def __init__(self, *, round_offset: int = 0, **kwargs):
+    def __init__(self, *, round_offset: int = 0, max_num_examples: int = MAX_NUM_EXAMPLES, **kwargs):
         kwargs.setdefault("evaluate_metrics_aggr_fn", nan_aware_mean)
         super().__init__(**kwargs)
         self.round_offset = round_offset
+        self.max_num_examples = max_num_examples
         self.round_started: dict[int, float] = {}
         self.sampled: dict[int, list[int]] = {}
         self.train_sites: dict[int, dict[str, dict]] = {}
         self.eval_sites: dict[int, dict[str, dict]] = {}
         self.failed: dict[int, list[dict]] = {}
+        self.rejected: dict[int, list[dict]] = {}
         self.node_sites: dict[int, str] = {}
+        self.reference: dict[int, dict[str, tuple[int, ...]]] = {}  # global round -> key -> shape sent
+        self._outbox: list[Message] = []  # this phase's instructions; Flower sets their message ids when pushing
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
@@ -68,25 +223,59 @@ class RecordingFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         g = self.global_round(server_round)
         self.round_started[g] = time.time()
+        self.reference[g] = {name: tuple(array.shape) for name, array in arrays.items()}
         config["global-round"] = g
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.sampled[g] = [m.metadata.dst_node_id for m in messages]
-        return messages
+        self._outbox = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled[g] = [m.metadata.dst_node_id for m in self._outbox]
+        return self._outbox
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config["global-round"] = self.global_round(server_round)
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        self._outbox = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._outbox
 
-    def _collect(self, server_round: int, replies: list[Message], into: dict[int, dict[str, dict]]) -> None:
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply is about. Errors made by the SuperLink itself (e.g. "node unavailable" after
+        missed heartbeats) come from the SuperLink's node id; their ``reply_to_message_id`` names the
+        instruction, whose destination is the node."""
+        for ins in self._outbox:
+            if ins.metadata.message_id and ins.metadata.message_id == reply.metadata.reply_to_message_id:
+                return ins.metadata.dst_node_id
+        return reply.metadata.src_node_id
+
+    def _screen(self, server_round: int, replies: list[Message], phase: str) -> list[Message]:
+        """Replies that may be aggregated (error replies pass through: FedAvg skips them, ``_collect`` logs them)."""
+        g = self.global_round(server_round)
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)
+                continue
+            if phase == "train":
+                reason = check_train_reply(msg.content, self.reference.get(g), max_num_examples=self.max_num_examples)
+            else:
+                reason = check_evaluate_reply(msg.content, max_num_examples=self.max_num_examples)
+            if reason is None:
+                kept.append(msg)
+                continue
+            node = self._node_of(msg)
+            site = _site_of(msg, node) if keys.SITE in msg.content.config_records else self.node_sites.get(node, f"node-{node}")
+            self.node_sites[node] = site
+            self.rejected.setdefault(g, []).append({"site": site, "node": node, "round": g, "phase": phase, "reason": reason})
+            log(WARNING, "round %d: rejected the %s reply of site %s (node %d): %s", g, phase, site, node, reason)
+        return kept
+
+    def _collect(self, server_round: int, replies: list[Message], into: dict[int, dict[str, dict]], phase: str) -> None:
         g = self.global_round(server_round)
         sites, failed = {}, []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._node_of(msg)
             if msg.has_error():
-                failed.append({"node": node, "site": self.node_sites.get(node, f"node-{node}"), "reason": msg.error.reason})
-                log(WARNING, "round %d: site %s failed: %s", g, self.node_sites.get(node, node), msg.error.reason)
+                failed.append({"node": node, "site": self.node_sites.get(node, f"node-{node}"), "phase": phase,
+                               "reason": msg.error.reason})
+                log(WARNING, "round %d: site %s failed in %s: %s", g, self.node_sites.get(node, node), phase, msg.error.reason)
                 continue
-            site = _site_of(msg)
+            site = _site_of(msg, node)
             self.node_sites[node] = site
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
             sites[site] = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}
@@ -94,18 +283,21 @@ class RecordingFedAvg(FedAvg):
         self.failed.setdefault(g, []).extend(failed)
 
     def aggregate_train(self, server_round: int, replies):
-        replies = list(replies)
-        self._collect(server_round, replies, self.train_sites)
-        log(INFO, "round %d: %d site update(s) received", self.global_round(server_round), len(self.train_sites[self.global_round(server_round)]))
+        replies = self._screen(server_round, list(replies), "train")
+        self._collect(server_round, replies, self.train_sites, "train")
+        self._outbox = []
+        log(INFO, "round %d: %d site update(s) accepted", self.global_round(server_round), len(self.train_sites[self.global_round(server_round)]))
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies):
-        replies = list(replies)
-        self._collect(server_round, replies, self.eval_sites)
+        replies = self._screen(server_round, list(replies), "evaluate")
+        self._collect(server_round, replies, self.eval_sites, "evaluate")
+        self._outbox = []
         return super().aggregate_evaluate(server_round, replies)
 
     def missing_sites(self, g: int) -> list[str]:
-        """Sites sampled in global round ``g`` that sent no usable training update."""
+        """Sites sampled in global round ``g`` that sent no usable training update (no reply before the
+        round timeout, an error reply, or a rejected update)."""
         answered = set(self.train_sites.get(g, {}))
         names = [self.node_sites.get(n, f"node-{n}") for n in self.sampled.get(g, [])]
         return sorted(n for n in names if n not in answered)

@@ -55,6 +55,15 @@ def _simulate(a):
     print(auc_line(report))
 
 
+def _predict(a):
+    import json
+
+    from simulation.predict import format_result, predict_scan
+
+    result = predict_scan(a.checkpoint, a.scan, saliency_png=a.saliency, background=a.background)
+    print(json.dumps(result, indent=2) if a.json else format_result(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of all ``fedpd`` subcommands."""
     p = argparse.ArgumentParser(
@@ -110,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/NAME")
     s.add_argument("--run-config", default="", help='extra run-config overrides "k=v ...", as flwr run -c')
     s.set_defaults(func=_simulate)
+
+    s = sub.add_parser("predict", help="PD probability of one scan from a trained run (research use only)")
+    s.add_argument("checkpoint", type=Path, help="a run's model.pt (or checkpoints/round-<k>.pt)")
+    s.add_argument("scan", type=Path, help="one 3D T1 NIfTI file")
+    s.add_argument("--saliency", type=Path, default=None, metavar="OUT.png", help="write a Grad-CAM overlay here")
+    s.add_argument("--background", choices=("auto", "template", "scan"), default="auto",
+                   help="overlay background: MNI152 template, the scan, or auto (template for phantom models)")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=_predict)
     return p
 
 

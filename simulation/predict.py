@@ -1,0 +1,236 @@
+"""``fedpd predict``: the PD probability of one scan from a trained run, its decision, and a saliency figure.
+
+The checkpoint is either a run's ``model.pt`` (the selected round, written when the run finishes, with
+its validated ``threshold``, ``selected_round`` and data ``source``) or a ``checkpoints/round-<k>.pt``.
+For a round checkpoint the threshold comes from the run's ``report.json`` (two folders up) when there is
+one, else 0.5, and the output says that no validated threshold was stored. The scan goes through the
+very pipeline the model was trained with (input-shape and spacing from the checkpoint's run-config), so
+the same bad-scan errors apply (:class:`~common.errors.DataError`, exit code 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import RunConfig
+from common.device import Runtime, runtime
+from common.errors import CheckpointError, ConfigError, DataError
+from common.model import build_med3d
+from common.run import RunDir
+from common.saliency import FEATURE_STRIDE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
+from common.train import load_state_numpy
+
+__all__ = ["Predictor", "load_predictor", "predict_scan", "format_result", "DEFAULT_THRESHOLD", "CLASS_NAMES"]
+
+DEFAULT_THRESHOLD = 0.5
+_PIPELINE_KEYS = ("input-shape", "spacing", "model-depth")  # must come from the checkpoint, never from defaults
+CLASS_NAMES = ("control", "PD")  # label 0, label 1
+_PHANTOM_NOTE = ("This model was trained on phantom (synthetic) data: the result demonstrates the software only "
+                 "and is not a clinical tool.")
+_RESEARCH_NOTE = "Research software: not a medical device and not validated for clinical use."
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A trained model with what is needed to apply it to a new scan."""
+
+    model: torch.nn.Module
+    cfg: RunConfig
+    checkpoint: Path
+    threshold: float
+    threshold_source: str  # "checkpoint" (model.pt), "report" (<run>/report.json) or "default" (0.5)
+    source: str  # data the model was trained on: phantom, ppmi, ... or unknown
+    round: int | None
+    selected_round: int | None
+    notes: tuple[str, ...]
+
+
+def _threshold(value, where: Path) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0) or isinstance(value, bool):
+        raise CheckpointError(f"{where}: threshold {value!r} is not a probability in [0, 1]; re-run the final "
+                              "evaluation of the run (it writes model.pt and report.json)")
+    return t
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({exc}); restore it, or delete it to predict with the "
+                              "default threshold 0.5") from exc
+    if not isinstance(report, dict):
+        raise CheckpointError(f"{path}: holds a {type(report).__name__}, not a run report object")
+    return report
+
+
+def _decide_threshold(ckpt: dict, path: Path) -> tuple[float, str, str | None, list[str]]:
+    """(threshold, where it came from, data source named by the report or None, notes)."""
+    if "threshold" in ckpt:
+        return _threshold(ckpt["threshold"], path), "checkpoint", None, []
+    report_path = path.parent.parent / "report.json"  # <run>/checkpoints/round-<k>.pt -> <run>/report.json
+    if report_path.is_file():
+        report = _read_report(report_path)
+        source = (report.get("data") or {}).get("source")
+        if "threshold" in report:
+            notes = []
+            selected, rnd = report.get("selected_round"), ckpt.get("round")
+            if selected is not None and rnd is not None and int(selected) != int(rnd):
+                model_pt = path.parent.parent / "model.pt"
+                hint = f"; {model_pt} holds the selected model" if model_pt.is_file() else ""
+                notes.append(f"The threshold in {report_path} was chosen on validation for round {selected}, not for "
+                             f"this checkpoint's round {rnd}{hint}.")
+            return _threshold(report["threshold"], report_path), "report", source, notes
+        why = f"{report_path} has no 'threshold'"
+    else:
+        why = f"no model.pt threshold and no {report_path}"
+    return DEFAULT_THRESHOLD, "default", None, [
+        f"No validated threshold was stored ({why}): the decision uses the default threshold {DEFAULT_THRESHOLD}, "
+        "which was not chosen on validation data."]
+
+
+def load_predictor(checkpoint: str | Path) -> Predictor:
+    """Load ``model.pt`` or ``checkpoints/round-<k>.pt`` with its run-config, threshold and data source.
+
+    Raises:
+        CheckpointError: not a fedpd checkpoint, missing keys, a stored run-config this version rejects,
+            weights that do not fit the model, or a bad threshold; the message names the file.
+    """
+    path = Path(checkpoint).expanduser()
+    ckpt = RunDir.load_checkpoint(path)
+    missing = [k for k in ("state_dict", "config") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: fedpd checkpoint without {', '.join(missing)}; it cannot be used to predict")
+    absent = [k for k in _PIPELINE_KEYS if k not in ckpt["config"]]
+    if absent:
+        raise CheckpointError(f"{path}: its stored run-config lacks {', '.join(absent)}, so the scan cannot be "
+                              "preprocessed as in training; use a checkpoint written by fedpd's server or baselines")
+    try:  # keys added to fedpd after this checkpoint was written take their defaults; none of them shapes the input
+        cfg = RunConfig.from_mapping(ckpt["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its stored run-config is not valid for this fedpd version ({exc}); predict "
+                              "with the fedpd version that trained it") from exc
+    args = ckpt.get("model") or {}
+    try:
+        model = build_med3d(depth=int(args.get("depth", cfg.model_depth)), num_classes=int(args.get("num_classes", 2)),
+                            dropout=float(args.get("dropout", cfg.dropout)))
+        load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit Med3D {args or {'depth': cfg.model_depth}}: "
+                              f"{str(exc).splitlines()[0][:300]}") from exc
+    if model.head.fc.out_features != len(CLASS_NAMES):
+        raise CheckpointError(f"{path}: the model has {model.head.fc.out_features} outputs; fedpd predict needs 2 "
+                              "(control, PD)")
+    threshold, threshold_source, report_source, notes = _decide_threshold(ckpt, path)
+    source = str(ckpt.get("source") or report_source or "unknown")
+    selected = ckpt.get("selected_round")
+    return Predictor(model=model.eval(), cfg=cfg, checkpoint=path, threshold=threshold,
+                     threshold_source=threshold_source, source=source,
+                     round=int(ckpt["round"]) if ckpt.get("round") is not None else None,
+                     selected_round=int(selected) if selected is not None else None, notes=tuple(notes))
+
+
+def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | Path | None = None, *,
+                 background: str = "auto", rt: Runtime | None = None) -> dict:
+    """PD probability of ``scan`` under ``checkpoint``, the decision at its threshold, and a saliency figure.
+
+    Args:
+        checkpoint: a run's ``model.pt`` or ``checkpoints/round-<k>.pt``.
+        scan: one 3D T1 NIfTI file.
+        saliency_png: where to write the Grad-CAM overlay (:mod:`common.saliency`); ``None`` for none.
+            The map explains the decided class (evidence for PD when the decision is PD, else control).
+        background: ``template`` (MNI152), ``scan`` (the preprocessed scan) or ``auto``: the template for
+            phantom models (generated in MNI space), the scan otherwise (real scans are not registered).
+        rt: compute device; default :func:`common.device.runtime` without AMP (float32).
+
+    Returns:
+        A JSON-ready dict: ``scan, checkpoint, probability, threshold, threshold_source, decision``
+        (``"PD"``/``"control"``), ``source, round, selected_round, input_shape, spacing_mm, device,
+        saliency`` (``None`` or ``{png, method, layer, explains, background, empty}``) and ``notes`` (the
+        threshold's provenance, the phantom / research-use warnings).
+
+    Raises:
+        CheckpointError: a bad checkpoint (see :func:`load_predictor`).
+        DataError: the scan is missing, a folder, not NIfTI, 4D, has NaN/Inf, is empty, ... (names the file).
+    """
+    if background not in ("auto", "template", "scan"):
+        raise ValueError(f"background {background!r} must be one of auto, template, scan")
+    pred = load_predictor(checkpoint)
+    scan_path = Path(scan).expanduser().absolute()
+    if scan_path.is_dir():
+        raise DataError(f"{scan_path}: is a folder; give one NIfTI file (.nii or .nii.gz). A DICOM series is "
+                        "converted by fedpd ingest, or by dcm2niix")
+    if not scan_path.exists():
+        raise DataError(f"{scan_path}: scan file not found; check the path")
+    image = preprocess_scan(scan_path, pred.cfg.input_size, pred.cfg.spacing_mm)
+    rt = rt or runtime(amp=False)
+    x = image.as_tensor()[None].to(rt.device)
+    model = pred.model.to(rt.device).eval()
+    with torch.no_grad():
+        prob = float(torch.softmax(model(x).float(), dim=1)[0, 1].cpu())
+    if not math.isfinite(prob):
+        raise CheckpointError(f"{pred.checkpoint}: the model gives a non-finite probability for {scan_path}; "
+                              "its weights are probably corrupt (NaN)")
+    is_pd = prob >= pred.threshold
+    notes = list(pred.notes)
+    if "phantom" in pred.source:
+        notes.append(_PHANTOM_NOTE)
+    notes.append(_RESEARCH_NOTE)
+    result = {
+        "scan": str(scan_path),
+        "checkpoint": str(pred.checkpoint),
+        "probability": prob,
+        "threshold": pred.threshold,
+        "threshold_source": pred.threshold_source,
+        "decision": CLASS_NAMES[int(is_pd)],
+        "source": pred.source,
+        "round": pred.round,
+        "selected_round": pred.selected_round,
+        "input_shape": list(pred.cfg.input_size),
+        "spacing_mm": list(pred.cfg.spacing_mm),
+        "device": rt.describe(),
+        "saliency": None,
+        "notes": notes,
+    }
+    if saliency_png is not None:
+        bg = background if background != "auto" else ("template" if "phantom" in pred.source else "scan")
+        explains = CLASS_NAMES[int(is_pd)]
+        sal = saliency_map(model, x, rt, class_idx=int(is_pd))
+        caption = (f"Grad-CAM on {TARGET_LAYER} (1/{FEATURE_STRIDE} of the input resolution), evidence for "
+                   f"{explains}; model trained on {pred.source} data. "
+                   + (_PHANTOM_NOTE if "phantom" in pred.source else _RESEARCH_NOTE))
+        title = f"{scan_path.name}: P(PD) = {prob:.3f}, decision {explains} (threshold {pred.threshold:.3f})"
+        png = overlay_png(image, sal, saliency_png, title=title, background=bg, caption=caption)
+        result["saliency"] = {"png": str(Path(png).absolute()), "method": "Grad-CAM", "layer": TARGET_LAYER,
+                              "explains": explains, "background": bg, "empty": not bool(sal.any())}
+    return result
+
+
+def format_result(result: dict) -> str:
+    """The human-readable report of :func:`predict_scan` (what ``fedpd predict`` prints)."""
+    where = {"checkpoint": "chosen on validation, stored in the checkpoint",
+             "report": "chosen on validation, from the run's report.json",
+             "default": "DEFAULT, not validated"}[result["threshold_source"]]
+    rnd = result["selected_round"] if result["selected_round"] is not None else result["round"]
+    lines = [
+        f"scan:           {result['scan']}",
+        f"checkpoint:     {result['checkpoint']} (round {rnd}; trained on {result['source']} data)",
+        f"PD probability: {result['probability']:.4f}",
+        f"decision:       {result['decision']} (probability {'>=' if result['decision'] == 'PD' else '<'} "
+        f"threshold {result['threshold']:.4f}, {where})",
+    ]
+    sal = result.get("saliency")
+    if sal:
+        empty = " (empty: no positive evidence found)" if sal.get("empty") else ""
+        lines.append(f"saliency:       {sal['png']} ({sal['method']} on {sal['layer']}, evidence for "
+                     f"{sal['explains']}, {sal['background']} background){empty}")
+    lines += [f"NOTE: {n}" for n in result["notes"]]
+    return "\n".join(lines)

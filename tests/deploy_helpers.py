@@ -1,0 +1,97 @@
+"""Helpers for tests that run real Flower deployments on 127.0.0.1 (test_faults, test_bad_site, test_audit).
+
+The cohort is the phantom at 32^3 through the real ingest/split/partition path (as in test_federated);
+the network input is 16^3 so that a deployment round stays short on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from common.ingest import ingest
+from common.splits import partition_manifest, split_manifest
+from simulation.flower import Proc, _tree, start_supernode
+from simulation.phantom import generate_phantom
+
+__all__ = ["SMALL", "make_cohort", "rounds", "site_names", "start_sites", "clientapps", "cmdline", "kill_tree",
+           "wait_until"]
+
+SMALL = {"input-shape": "16,16,16", "spacing": "12.0,12.0,12.0", "batch-size": 4}
+
+
+def make_cohort(root: Path) -> Path:
+    """Phantom download -> manifest.csv -> split -> partition/ (sites/*.csv, server.csv) under ``root``."""
+    generate_phantom(root / "download", subjects=30, sites=3, shape=32, effect=1.0, seed=1)
+    ingest(root / "download", csv=root / "download" / "idaSearch.csv", sites_csv=root / "download" / "centres.csv",
+           out=root / "manifest.csv")
+    split_manifest(root / "manifest.csv", val=0.2, test=0.25, seed=0)
+    partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
+    return root
+
+
+def rounds(out: Path) -> list[dict]:
+    """The records of ``rounds.jsonl`` so far."""
+    f = out / "rounds.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
+def site_names(partition: Path) -> list[str]:
+    return sorted(p.stem for p in (partition / "sites").glob("*.csv"))
+
+
+def start_sites(partition: Path, tmp_path: Path, link: Proc, names: list[str],
+                extra_config: dict[str, str] | None = None) -> dict[str, Proc]:
+    """One real SuperNode per site, with the site's manifest as ``--node-config data-path``."""
+    sites = {}
+    for name in names:
+        node_config = f"data-path='{partition / 'sites' / f'{name}.csv'}' cache-dir='{tmp_path / 'cache' / name}'"
+        if extra_config and name in extra_config:
+            node_config += " " + extra_config[name]
+        sites[name] = start_supernode(tmp_path / f"site-{name}", f"127.0.0.1:{link.port}",
+                                      node_config=node_config, name=f"site-{name}")
+    return sites
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def clientapps(proc: Proc) -> set[int]:
+    """PIDs of the flwr-clientapp processes a SuperNode is running now."""
+    pids, _ = _tree(proc.pid)
+    return {p for p in pids if "flwr-clientapp" in cmdline(p)}
+
+
+def kill_tree(proc: Proc) -> None:
+    """SIGKILL a Flower process and everything it started: no clean shutdown, no goodbye to the SuperLink."""
+    pids, groups = _tree(proc.pid)
+    groups.add(proc.pid)
+    groups.discard(os.getpgrp())
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.popen.wait(timeout=10)
+
+
+def wait_until(condition, what: str, timeout: float, watch=()) -> None:
+    """Poll ``condition`` until it is true; fail with the log of any watched process that exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for p in watch:
+            assert p.popen.poll() is None, f"{p.name} exited while waiting for {what}: {p.log_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.3)

@@ -1,0 +1,152 @@
+"""Faults on real Flower processes on 127.0.0.1 (SuperLink, SuperNodes, ServerApp, ClientApps):
+
+- a SuperNode SIGKILLed while it trains in round 2: the run finishes with the other sites, and
+  ``rounds.jsonl`` and ``report.json`` name the missing site in that round;
+- the SuperLink (with its ServerApp) SIGKILLed after round 1: restarted on the same port and
+  ``--database``, a ``flwr run`` with ``resume=true`` runs round 2 only, rounds 1..k unchanged.
+
+Every process gets free ports and its own FLWR_HOME and is stopped by PID in ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from common.run import RunDir
+from simulation.flower import (APP_DIR, BIN, Proc, _tree, flwr_env, flwr_run, free_port, start_superlink, stop,
+                               write_connections, write_run_config)
+
+try:
+    from deploy_helpers import SMALL, clientapps, cmdline, kill_tree, make_cohort, rounds, site_names, start_sites, wait_until
+except ImportError:  # run as a package
+    from tests.deploy_helpers import (SMALL, clientapps, cmdline, kill_tree, make_cohort, rounds, site_names, start_sites,
+                                      wait_until)
+
+pytestmark = pytest.mark.slow
+
+# Longer than a healthy round's training phase on a busy 2-core machine (about 20-40 s at 16^3);
+# the round with the dead site waits this long once.
+ROUND_TIMEOUT = 45.0
+
+
+@pytest.fixture(scope="module")
+def partition(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("cohort")) / "partition"
+
+
+def _flwr_run_background(home: Path, run_config: Path, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as fh:
+        return subprocess.Popen([str(BIN / "flwr"), "run", str(APP_DIR), "deploy", "--stream", "--run-config", str(run_config)],
+                                stdout=fh, stderr=subprocess.STDOUT, env=flwr_env(home), cwd=APP_DIR)
+
+
+def test_supernode_killed_mid_round(partition, tmp_path):
+    """3 sites, min-nodes=2: one SuperNode (and its ClientApp) is SIGKILLed while it trains in round 2."""
+    out, names = tmp_path / "run", site_names(partition)
+    victim = names[1]
+    procs: list[Proc] = []
+    cli = None
+    try:
+        link = start_superlink(tmp_path / "link")
+        procs.append(link)
+        sites = start_sites(partition, tmp_path, link, names)
+        procs += sites.values()
+        home = tmp_path / "cli"
+        write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
+        cfg = write_run_config(tmp_path / "rc.toml", SMALL | {
+            "num-server-rounds": 2, "min-nodes": 2, "round-timeout": ROUND_TIMEOUT,
+            "server-manifest": str(partition / "server.csv"), "out-dir": str(out)})
+        cli = _flwr_run_background(home, cfg, tmp_path / "flwr-run.log")
+
+        wait_until(lambda: len(rounds(out)) >= 1, "round 1", 300, procs)
+        before = clientapps(sites[victim])  # a round-1 evaluate ClientApp may still be exiting
+        wait_until(lambda: clientapps(sites[victim]) - before, f"site {victim}'s round-2 ClientApp", 120, procs)
+        kill_tree(sites[victim])
+
+        code = cli.wait(timeout=400)
+        log = (tmp_path / "flwr-run.log").read_text()
+        assert code == 0, log[-3000:]
+
+        others = [n for n in names if n != victim]
+        recs = rounds(out)
+        assert [r["round"] for r in recs] == [1, 2]
+        assert sorted(recs[0]["sites"]) == names and recs[0]["missing_sites"] == []
+        assert sorted(recs[1]["sites"]) == others
+        assert recs[1]["missing_sites"] == [victim]  # named from its round-1 reply, not a node id
+        assert recs[1]["num_examples"] == sum(recs[1]["sites"][n]["num-examples"] for n in others)
+        # no reply before the timeout, or "node unavailable" errors once the SuperLink missed its heartbeats
+        assert all(f["site"] == victim for f in recs[1]["failures"]), recs[1]["failures"]
+        for k in (1, 2):
+            assert (out / "checkpoints" / f"round-{k}.pt").is_file()
+
+        report = json.loads((out / "report.json").read_text())
+        part = report["participation"]
+        assert part["1"]["trained"] == names and part["1"]["missing"] == []
+        assert part["2"]["trained"] == others and part["2"]["missing"] == [victim]
+        assert report["rounds"] == 2 and 1 <= report["selected_round"] <= 2
+        for n in others:
+            assert sites[n].popen.poll() is None, f"site {n} died: {sites[n].log_text()[-2000:]}"
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+        for p in reversed(procs):
+            stop(p)
+
+
+def test_superlink_killed_after_round_then_resumed(partition, tmp_path):
+    """2 sites, 2 rounds. SuperLink + ServerApp SIGKILLed once round 1 is checkpointed; restarted on the same
+    port and --database; `flwr run` with resume=true runs round 2 only and writes the report."""
+    out, names = tmp_path / "run", site_names(partition)[:2]
+    db, port = tmp_path / "link" / "state.db", free_port()
+    procs: list[Proc] = []
+    cli = None
+    try:
+        link = start_superlink(tmp_path / "link", port=port, database=db)
+        procs.append(link)
+        procs += start_sites(partition, tmp_path, link, names).values()
+        home = tmp_path / "cli"
+        write_connections(home, {"deploy": {"address": f"127.0.0.1:{port}", "insecure": True}})
+        overrides = SMALL | {"num-server-rounds": 2, "min-nodes": 2, "round-timeout": 300.0,
+                             "server-manifest": str(partition / "server.csv"), "out-dir": str(out)}
+        cli = _flwr_run_background(home, write_run_config(tmp_path / "rc.toml", overrides), tmp_path / "flwr-run-1.log")
+        wait_until(lambda: (out / "checkpoints" / "round-1.pt").is_file(), "round 1's checkpoint", 300, procs)
+        serverapps = {p for p in _tree(link.pid)[0] if "flwr-serverapp" in cmdline(p)}
+        assert serverapps, "no flwr-serverapp under the SuperLink"
+        kill_tree(link)
+        wait_until(lambda: not any("flwr-serverapp" in cmdline(p) for p in serverapps), "the ServerApp to die", 15)
+        cli.wait(timeout=60)  # the streaming CLI has lost its SuperLink
+
+        saved = RunDir(out).saved_rounds()
+        before = [r for r in rounds(out) if r["round"] <= saved[-1]]
+        assert saved[-1] == len(before) >= 1 and not (out / "report.json").exists()
+
+        link = start_superlink(tmp_path / "link", port=port, database=db)  # same address: the SuperNodes reconnect
+        procs.append(link)
+        code = flwr_run(home, "deploy", run_config=write_run_config(tmp_path / "rc2.toml", overrides | {"resume": True}),
+                        log=tmp_path / "flwr-run-2.log", timeout=400)
+        log = (tmp_path / "flwr-run-2.log").read_text()
+        assert code == 0, log[-3000:]
+        assert f"from round {saved[-1] + 1}" in log
+
+        recs = rounds(out)
+        assert [r["round"] for r in recs] == [1, 2]
+        assert recs[: len(before)] == before  # nothing of the first run was lost or rewritten
+        for r in recs:
+            assert sorted(r["sites"]) == names and r["missing_sites"] == []
+        for k in (1, 2):
+            assert (out / "checkpoints" / f"round-{k}.pt").is_file()
+        report = json.loads((out / "report.json").read_text())
+        assert report["rounds"] == 2 and 1 <= report["selected_round"] <= 2
+        assert sorted(report["participation"]) == ["1", "2"]
+        ls = subprocess.run([str(BIN / "flwr"), "ls", "deploy", "--format", "json"], env=flwr_env(home),
+                            capture_output=True, text=True, timeout=60)
+        assert "finished:completed" in ls.stdout, ls.stdout + ls.stderr
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+        for p in reversed(procs):
+            stop(p)

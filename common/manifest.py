@@ -29,16 +29,17 @@ import pandas as pd
 
 from common.errors import DataError
 
-__all__ = ["REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "SPLITS", "LABELS", "read_manifest", "write_manifest",
+__all__ = ["REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "SPLITS", "LABELS", "UNSAFE_SCAN_SPLIT", "read_manifest", "write_manifest",
            "validate_manifest", "check_files"]
 
 REQUIRED_COLUMNS = ("image_id", "subject_id", "visit", "label", "site", "path")
-OPTIONAL_COLUMNS = ("sex", "age", "acq_date", "description", "source", "split")  # source: phantom | ppmi
+OPTIONAL_COLUMNS = ("sex", "age", "acq_date", "description", "source", "split", "unsafe_split")  # source: phantom | ppmi
+UNSAFE_SCAN_SPLIT = "by-scan"  # unsafe_split value of `fedpd split --unsafe-split-by-scan` (leakage demonstration only)
 SPLITS = ("train", "val", "test")
 LABELS = {0: "control", 1: "PD"}
 # Read as text so ids such as "3001" or "I0123" keep their exact spelling.
 _TEXT_COLUMNS = ("image_id", "subject_id", "visit", "site", "path", "sex", "acq_date", "description", "split",
-                 "origin_site")
+                 "origin_site", "unsafe_split")
 _SHOW = 10  # how many offending rows an error message lists
 
 
@@ -133,7 +134,8 @@ def _check_per_subject(df: pd.DataFrame, source, labels: list[int], has_split: b
                       "site": df["site"].astype(str).str.strip()})
     checks = [("label", "labels", "fix the Group of that subject's rows (one diagnosis per subject)"),
               ("site", "sites", "give the subject one site in the sites table, or drop the odd scans")]
-    if has_split and not _blank(df["split"]).all():
+    unsafe = "unsafe_split" in df.columns and bool((df["unsafe_split"].astype(str).str.strip() == UNSAFE_SCAN_SPLIT).all())
+    if has_split and not unsafe and not _blank(df["split"]).all():
         t["split"] = df["split"].astype(str).str.strip().to_numpy()
         checks.insert(0, ("split", "splits", "subjects shared across splits must be 0: re-run `fedpd split`, "
                                              "which assigns whole subjects"))

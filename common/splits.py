@@ -27,7 +27,7 @@ import pandas as pd
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 
 from common.errors import DataError
-from common.manifest import SPLITS, read_manifest, validate_manifest, write_manifest
+from common.manifest import SPLITS, UNSAFE_SCAN_SPLIT, read_manifest, validate_manifest, write_manifest
 
 __all__ = ["split_manifest", "split_audit", "format_audit", "partition_manifest", "SCHEMES"]
 
@@ -91,7 +91,12 @@ def _pick(sub: pd.DataFrame, frac: float, seed: int, stage: str, source) -> np.n
     return np.sort(picked)
 
 
-def split_manifest(manifest, val: float = 0.15, test: float = 0.15, seed: int = 0, out=None) -> pd.DataFrame:
+UNSAFE_WARNING = ("*** UNSAFE: splitting by SCAN, not by subject. Visits of one subject land in train and test, so every "
+                  "test figure is inflated by leakage. Use this only to demonstrate that leakage; never report it. ***")
+
+
+def split_manifest(manifest, val: float = 0.15, test: float = 0.15, seed: int = 0, out=None,
+                   unsafe_by_scan: bool = False) -> pd.DataFrame:
     """Assign every subject to train/val/test (see the module docstring) and write the ``split`` column.
 
     Args:
@@ -100,6 +105,8 @@ def split_manifest(manifest, val: float = 0.15, test: float = 0.15, seed: int = 
         seed: random seed (>= 0); the same seed gives the same split.
         out: write the split manifest here; default: update ``manifest`` in place (nothing is written for
             a DataFrame without ``out``).
+        unsafe_by_scan: assign scans, not subjects (leakage demonstration only): every row gets
+            ``unsafe_split = by-scan`` so validation lets subjects span splits and the audit and report flag it.
 
     Returns:
         The manifest rows with ``split`` filled in.
@@ -116,13 +123,23 @@ def split_manifest(manifest, val: float = 0.15, test: float = 0.15, seed: int = 
     source = path or _IN_MEMORY
     if "split" in df.columns and df["split"].notna().any():
         print("split: replacing the existing split column")
-    sub = _subjects(df)
+    if "unsafe_split" in df.columns:
+        df = df.drop(columns=["unsafe_split"])
+    if unsafe_by_scan:
+        print("split: " + UNSAFE_WARNING)
+        unit = df.assign(subject_id=df["image_id"].astype(str))  # each scan its own unit: the leak on purpose
+        sub = _subjects(unit)
+    else:
+        sub = _subjects(df)
     assign = np.full(len(sub), "train", dtype=object)
     assign[_pick(sub, test, seed, "test", source)] = "test"
     rest = np.flatnonzero(assign == "train")
     rest_frac = val / (1.0 - test) if val else 0.0
     assign[rest[_pick(sub.iloc[rest].reset_index(drop=True), rest_frac, seed, "val", source)]] = "val"
-    df["split"] = df["subject_id"].map(dict(zip(sub["subject_id"], assign)))
+    key = "image_id" if unsafe_by_scan else "subject_id"
+    df["split"] = df[key].astype(str).map(dict(zip(sub["subject_id"], assign)))
+    if unsafe_by_scan:
+        df["unsafe_split"] = UNSAFE_SCAN_SPLIT
     target = Path(out) if out is not None else path
     validate_manifest(df, target or _IN_MEMORY, require_split=True)
     if target is not None:
@@ -149,7 +166,9 @@ def split_audit(df: pd.DataFrame) -> dict:
         splits[s] = {**_counts(part), "labels": {str(lab): _counts(part[part["label"] == lab]) for lab in (0, 1)}}
         for (lab, site), g in sorted(part.groupby(["label", "site"]), key=lambda kv: (kv[0][0], str(kv[0][1]))):
             strata.append({"split": s, "label": int(lab), "site": str(site), **_counts(g)})
-    return {"total": _counts(df), "splits": splits, "strata": strata, "subjects_shared_across_splits": shared}
+    unsafe = "unsafe_split" in df.columns and bool((df["unsafe_split"].astype(str) == UNSAFE_SCAN_SPLIT).any())
+    return {"total": _counts(df), "splits": splits, "strata": strata, "subjects_shared_across_splits": shared,
+            "unsafe_split_by_scan": unsafe}
 
 
 def format_audit(audit: dict) -> str:
@@ -163,6 +182,8 @@ def format_audit(audit: dict) -> str:
         lab = c["labels"]
         lines.append(f"{s}: {c['subjects']} subjects ({100 * c['subjects'] / total:.1f} %; {lab['1']['subjects']} PD, "
                      f"{lab['0']['subjects']} control), {c['scans']} scans")
+    if audit.get("unsafe_split_by_scan"):
+        lines.append(UNSAFE_WARNING)
     lines.append(f"subjects shared across splits: {audit['subjects_shared_across_splits']}")
     return "\n".join(lines)
 

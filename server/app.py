@@ -55,6 +55,11 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
     return MetricRecord({"val-auc": float(metrics["auc"]), "val-loss": float(val.loss)})
 
 
+def fedavg_arm(cfg: RunConfig) -> str:
+    """The comparison-table name of a federated run: pretrained (MedicalNet) or from random init."""
+    return "fedavg" if cfg.pretrained_path else "fedavg (random init)"
+
+
 def _site_counts(records: list[dict]) -> dict[str, dict]:
     """Per site, the training class counts and num-examples it last reported (counts only, never rows)."""
     counts: dict[str, dict] = {}
@@ -109,6 +114,8 @@ def main(grid: Grid, context: Context) -> None:
     records = setup.run.read_rounds()
     report = finalize_run(setup.run, cfg, setup.rt, setup.val_rows, setup.test_rows, setup.cache_dir,
                           extra={"data": setup.data_info | {"site_train_counts": _site_counts(records)},
-                                 "participation": _participation(records)})
+                                 "participation": _participation(records),
+                                 **({"holdout_site": setup.data_info["holdout_site"]} if "holdout_site" in setup.data_info else {})},
+                          arm=fedavg_arm(cfg))
     auc = report["test"]["auc"]
     log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %s)", setup.run.report_file, auc["value"], auc["ci95"])

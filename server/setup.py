@@ -83,11 +83,17 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
     else:
         model = make_model(cfg, pretrained=True)
     run.write_json("config.json", cfg.to_dict())
-    data_info = {"server_split_audit": split_audit(rows)}
+    audit = split_audit(rows)
+    data_info = {"server_split_audit": audit, "unsafe_scan_split": audit["unsafe_split_by_scan"]}
+    if audit["unsafe_split_by_scan"]:
+        log.warning("%s was split by SCAN (fedpd split --unsafe-split-by-scan): test figures are inflated by leakage",
+                    manifest_path)
     if cfg.partition_dir:
         part = Path(cfg.partition_dir) / "partition.json"
         if part.is_file():
             data_info["partition"] = json.loads(part.read_text())
+            if data_info["partition"].get("holdout_site"):
+                data_info["holdout_site"] = data_info["partition"]["holdout_site"]
     return ServerSetup(cfg=cfg, rt=rt, run=run, val_rows=val_rows, test_rows=test_rows,
                        cache_dir=out / "cache" / "server", start_round=start_round,
                        model=model, model_args=model_args, data_info=data_info)

@@ -36,7 +36,7 @@ def _ingest(a):
 def _split(a):
     from common.splits import split_manifest
 
-    split_manifest(a.manifest, val=a.val, test=a.test, seed=a.seed, out=a.out)
+    split_manifest(a.manifest, val=a.val, test=a.test, seed=a.seed, out=a.out, unsafe_by_scan=a.unsafe_split_by_scan)
 
 
 def _partition(a):
@@ -48,11 +48,24 @@ def _partition(a):
 def _simulate(a):
     from simulation.simulate import simulate
 
-    report = simulate(a.partition, a.rounds, a.out, run_config=a.run_config)
+    partition = a.partition
+    if a.holdout_site:
+        from simulation.baselines import holdout_partition
+
+        partition = holdout_partition(a.partition, a.holdout_site, Path(a.out).resolve() / "holdout-partition")
+    report = simulate(partition, a.rounds, a.out, run_config=a.run_config)
     from simulation.demo import auc_line
 
     print(f"report: {Path(a.out).resolve() / 'report.json'}")
     print(auc_line(report))
+
+
+def _baseline(a):
+    from simulation.baselines import run_baseline
+    from simulation.demo import auc_line
+
+    for arm, report in run_baseline(a.mode, a.partition, a.out, run_config=a.run_config).items():
+        print(f"{arm}: {auc_line(report)}")
 
 
 def _predict(a):
@@ -62,6 +75,12 @@ def _predict(a):
 
     result = predict_scan(a.checkpoint, a.scan, saliency_png=a.saliency, background=a.background)
     print(json.dumps(result, indent=2) if a.json else format_result(result))
+
+
+def _report(a):
+    from common.report import render_report
+
+    print(render_report(a.run, compare=a.compare, saliency_scans=a.saliency_scans))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=float, default=0.15)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, default=None, help="write here instead of updating the manifest in place")
+    s.add_argument("--unsafe-split-by-scan", action="store_true",
+                   help="UNSAFE, leakage demonstration only: split scans instead of subjects (inflates every figure)")
     s.set_defaults(func=_split)
 
     s = sub.add_parser("partition", help="assign split manifest rows to sites and the server")
@@ -118,7 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=None, help="num-server-rounds (default: run-config)")
     s.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/NAME")
     s.add_argument("--run-config", default="", help='extra run-config overrides "k=v ...", as flwr run -c')
+    s.add_argument("--holdout-site", default=None,
+                   help="leave-one-site-out: train on the other sites, test on this site's own subjects only")
     s.set_defaults(func=_simulate)
+
+    s = sub.add_parser("baseline", help="comparison arms on the same engine: centralized, local (each site alone), scratch")
+    s.add_argument("--mode", choices=("centralized", "local", "scratch"), required=True)
+    s.add_argument("--partition", type=Path, required=True, help="folder from fedpd partition (same as the federated run)")
+    s.add_argument("--out", type=Path, required=True,
+                   help="run folder; put it under <federated run>/baselines/<mode> to see it in that run's report")
+    s.add_argument("--run-config", default="", help='run-config overrides "k=v ...", the same as the federated run')
+    s.set_defaults(func=_baseline)
 
     s = sub.add_parser("predict", help="PD probability of one scan from a trained run (research use only)")
     s.add_argument("checkpoint", type=Path, help="a run's model.pt (or checkpoints/round-<k>.pt)")
@@ -128,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlay background: MNI152 template, the scan, or auto (template for phantom models)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_predict)
+
+    s = sub.add_parser("report", help="(re-)render a run's report.html and figures/ from its report.json")
+    s.add_argument("run", type=Path, help="run folder (holds report.json)")
+    s.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder with another arm's report.json (searched 3 levels deep); repeatable. "
+                        "<run>/baselines/ is always searched")
+    s.add_argument("--saliency-scans", type=int, default=3, help="test scans with a Grad-CAM overlay (0: none)")
+    s.set_defaults(func=_report)
     return p
 
 

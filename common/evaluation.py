@@ -158,5 +158,14 @@ def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFram
         if key != "data":
             report[key] = value
     run.write_json("report.json", report)
-    log.info("report written to %s (selected round %d, %.1fs)", run.report_file, selected, time.perf_counter() - start)
+    html = None
+    try:  # the HTML report is a view of report.json: a failure here must never lose the run's results
+        from common.report import render_report
+
+        html = render_report(run.root)
+    except Exception as exc:
+        log.warning("report.html not rendered (%s: %s); report.json is complete, re-render with: fedpd report %s",
+                    type(exc).__name__, exc, run.root)
+    log.info("report written to %s%s (selected round %d, %.1fs)", run.report_file, f" and {html}" if html else "",
+             selected, time.perf_counter() - start)
     return report

@@ -1,4 +1,5 @@
-"""Helpers for tests that run real Flower deployments on 127.0.0.1 (test_faults, test_bad_site, test_audit).
+"""Helpers for tests that run real Flower deployments on 127.0.0.1 (test_faults, test_bad_site, test_deploy)
+and read the ClientApp audit log (test_audit, test_deploy).
 
 The cohort is the phantom at 32^3 through the real ingest/split/partition path (as in test_federated);
 the network input is 16^3 so that a deployment round stays short on two CPU cores.
@@ -12,13 +13,15 @@ import signal
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from common.ingest import ingest
 from common.splits import partition_manifest, split_manifest
 from simulation.flower import Proc, _tree, start_supernode
 from simulation.phantom import generate_phantom
 
 __all__ = ["SMALL", "make_cohort", "rounds", "site_names", "start_sites", "clientapps", "cmdline", "kill_tree",
-           "wait_until"]
+           "wait_until", "strict_json", "audit_lines", "forbidden_strings", "record_strings"]
 
 SMALL = {"input-shape": "16,16,16", "spacing": "12.0,12.0,12.0", "batch-size": 4}
 
@@ -95,3 +98,40 @@ def wait_until(condition, what: str, timeout: float, watch=()) -> None:
             assert p.popen.poll() is None, f"{p.name} exited while waiting for {what}: {p.log_text()[-3000:]}"
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
         time.sleep(0.3)
+
+
+# --- the audit log (client/audit.py) ---------------------------------------------------------------
+
+
+def strict_json(line: str) -> dict:
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def audit_lines(path: Path) -> list[dict]:
+    """The entries of an audit log, each line parsed as strict JSON (no NaN/Infinity)."""
+    return [strict_json(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def forbidden_strings(root: Path) -> set[str]:
+    """Every path, file name, subject id and image id in the manifests of the cohort under ``root``."""
+    out: set[str] = set()
+    for csv in [root / "manifest.csv", *(root / "partition").rglob("*.csv")]:
+        df = pd.read_csv(csv, dtype=str)
+        for col in ("path", "subject_id", "image_id"):
+            out |= set(df[col].dropna())
+        out |= {Path(p).name for p in df["path"].dropna()}
+        out |= {str((csv.parent / p).resolve()) for p in df["path"].dropna()}
+        out.add(str(csv))
+    return out
+
+
+def record_strings(entry: dict) -> list[str]:
+    """All string values inside an audit entry's metric and config records."""
+    found = []
+    for record in entry.get("records", {}).values():
+        for item in list(record.get("metrics", {}).values()) + list(record.get("config", {}).values()):
+            values = item.get("value") if isinstance(item.get("value"), list) else [item.get("value")]
+            found += [v for v in values if isinstance(v, str)]
+    return found

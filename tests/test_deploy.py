@@ -5,8 +5,10 @@ Unit tests run ``deploy/provision.py`` and the generated scripts (``--dry-run``)
 The integration tests share one module fixture: one SuperLink started by ``start-superlink.sh`` (TLS +
 SuperNode authentication), sites registered by ``register-sites.sh``, four SuperNodes started by
 ``start-supernode.sh``: site-A and site-B (registered), site-X (its key never registered) and site-C
-(registered, but started without the CA certificate). Every process runs on 127.0.0.1 on free ports with
-its own state folder and is stopped by PID in ``finally``. The cohort is the phantom at 32^3.
+(registered, but started without the CA certificate). site-A and site-B run with ``FEDPD_AUDIT_LOG`` set to
+a file of their own (start-supernode.sh -> flower-supernode -> SuperExec -> flwr-clientapp inherit it), so
+the same run also checks what the sites sent. Every process runs on 127.0.0.1 on free ports with its own
+state folder and is stopped by PID in ``finally``. The cohort is the phantom at 32^3.
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from client.audit import AUDIT_ENV
+from common import keys
 from common.ingest import ingest
+from common.model import build_med3d
 from common.splits import partition_manifest, split_manifest
+from server.strategy import EVALUATE_METRIC_KEYS
 from simulation.flower import (APP_DIR, BIN, Proc, flwr_env, flwr_run, free_port, stop, wait_for_port,
                                write_run_config)
 from simulation.phantom import generate_phantom
+
+try:
+    from deploy_helpers import audit_lines, forbidden_strings, record_strings
+except ImportError:  # run as a package
+    from tests.deploy_helpers import audit_lines, forbidden_strings, record_strings
 
 PROVISION = APP_DIR / "deploy" / "provision.py"
 SMALL = {"input-shape": "32,32,32", "spacing": "6.0,6.0,6.0", "batch-size": 4, "local-epochs": 1}
@@ -261,11 +272,14 @@ def federation(tmp_path_factory):
         assert reg.returncode == 0, reg.stdout + reg.stderr
         node_ids = dict(line.split("\t") for line in (coordinator / "registered-sites.tsv").read_text().splitlines())
 
+        audit = root / "audit"
         for site in ("site-A", "site-B", "site-X", "site-C"):
             node_port = free_port()
-            no_ca = {"FEDPD_CA_CERT": ""} if site == "site-C" else {}  # empty: no --root-certificates
+            env = {"FEDPD_CA_CERT": ""} if site == "site-C" else {}  # empty: no --root-certificates
+            if site in ("site-A", "site-B"):  # the audit switch, in the environment of the kit script only
+                env[AUDIT_ENV] = str(audit / f"{site}.jsonl")
             procs[site] = _start(sites / site / "start-supernode.sh", site, logs / f"{site}.log", node_port,
-                                 FEDPD_SUPERNODE_PORT=str(node_port), **no_ca)
+                                 FEDPD_SUPERNODE_PORT=str(node_port), **env)
         out = root / "run"
         cfg = write_run_config(root / "rc.toml", SMALL | {
             "num-server-rounds": 2, "min-nodes": 2, "server-manifest": str(root / "partition" / "server.csv"),
@@ -276,7 +290,7 @@ def federation(tmp_path_factory):
         # fraction-train 1.0) samples the online nodes; had either been let in, it would train in the rounds
         exit_codes = {site: _wait_exit(procs[site]) for site in ("site-X", "site-C")}
         yield {
-            "out": out, "node_ids": node_ids, "exit_codes": exit_codes,
+            "root": root, "audit": audit, "out": out, "node_ids": node_ids, "exit_codes": exit_codes,
             "runs": _flwr_json(coordinator / "flwr-home", "ls", "fedpd"),
             "nodes": {n["node-id"]: n["status"] for n in
                       _flwr_json(coordinator / "flwr-home", "supernode", "list", "fedpd")["nodes"]},
@@ -327,3 +341,53 @@ def test_supernode_without_ca_certificate_cannot_connect(federation):
     assert "FEDPD_CA_CERT is empty" in log  # the kit script ran without --root-certificates
     assert federation["nodes"][federation["node_ids"]["site-C"]] == "registered"  # registered, never online
     assert all("site-C" not in r["sites"] for r in _rounds(federation["out"]))
+
+
+@slow
+def test_sites_send_only_weights_scalars_and_their_name(federation):
+    """The audit logs of site-A and site-B over the 2 rounds: every message a site sent holds only the model's
+    weight arrays (keys, shapes and dtypes of the state_dict), scalar metrics and counts, and the site's name:
+    no other arrays, no lists (per-sample scores), no strings but the site name, no file paths, subject ids
+    or image ids of the manifests."""
+    assert os.environ.get(AUDIT_ENV) is None  # set for the two SuperNodes only, not inherited from here
+    assert sorted(p.name for p in federation["audit"].iterdir()) == ["site-A.jsonl", "site-B.jsonl"]
+    state = build_med3d(depth=10, num_classes=2).state_dict()
+    weights = {k: {"shape": list(v.shape), "dtype": str(v.numpy().dtype)} for k, v in state.items()}
+    forbidden = forbidden_strings(federation["root"])
+    assert len(forbidden) > 60
+    (run,) = federation["runs"]["runs"]
+    for name in ("site-A", "site-B"):
+        log = federation["audit"] / f"{name}.jsonl"
+        text = log.read_text()
+        entries = audit_lines(log)
+        # 2 rounds: one train and one evaluate reply per round, nothing else
+        assert sorted(e["message_type"] for e in entries) == ["evaluate"] * 2 + ["train"] * 2, entries
+        assert {e["node_id"] for e in entries} == {int(federation["node_ids"][name])}  # its authenticated node id
+        assert {str(e["run_id"]) for e in entries} == {run["run-id"]}  # all from the one run
+        for e in entries:
+            assert "error" not in e, e
+            assert e["received_type"] == e["message_type"]
+            records = e["records"]
+            if e["message_type"] == "train":
+                assert set(records) == {keys.ARRAYS, keys.METRICS, keys.SITE}
+                assert records[keys.ARRAYS]["type"] == "ArrayRecord"
+                assert set(records[keys.ARRAYS]["arrays"]) == set(state)
+                for k, desc in records[keys.ARRAYS]["arrays"].items():
+                    assert desc["shape"] == weights[k]["shape"], k
+                    assert desc["dtype"] == weights[k]["dtype"], k
+                expected_metrics = set(keys.TRAIN_METRIC_KEYS)
+            else:
+                assert set(records) == {keys.METRICS, keys.SITE}  # no arrays at all
+                expected_metrics = set(EVALUATE_METRIC_KEYS)
+            metrics = records[keys.METRICS]
+            assert metrics["type"] == "MetricRecord" and set(metrics["metrics"]) == expected_metrics
+            for k, v in metrics["metrics"].items():
+                assert v["type"] in ("int", "float"), (k, v)  # scalars: no lists, so no per-sample scores
+            for k in (keys.NUM_EXAMPLES, keys.class_count_key(0), keys.class_count_key(1)):
+                if k in metrics["metrics"]:
+                    assert metrics["metrics"][k]["type"] == "int"
+            assert records[keys.SITE] == {"type": "ConfigRecord",
+                                          "config": {keys.SITE_NAME: {"type": "str", "value": name}}}
+            assert record_strings(e) == [name]  # the only string a site sends is its name
+        for token in forbidden:
+            assert f'"{token}"' not in text and (len(token) < 8 or token not in text), token

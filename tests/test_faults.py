@@ -1,7 +1,9 @@
 """Faults on real Flower processes on 127.0.0.1 (SuperLink, SuperNodes, ServerApp, ClientApps):
 
-- a SuperNode SIGKILLed while it trains in round 2: the run finishes with the other sites, and
-  ``rounds.jsonl`` and ``report.json`` name the missing site in that round;
+- 3 sites, each a real SuperNode with its own ``--node-config`` data-path/cache-dir: all 3 train round 1
+  (the plain deployment path, with the full report checked), then one SuperNode is SIGKILLed while it
+  trains in round 2: the run finishes with the other sites, and ``rounds.jsonl`` and ``report.json`` name
+  the missing site in that round;
 - the SuperLink (with its ServerApp) SIGKILLed after round 1: restarted on the same port and
   ``--database``, a ``flwr run`` with ``resume=true`` runs round 2 only, rounds 1..k unchanged.
 
@@ -74,7 +76,11 @@ def test_supernode_killed_mid_round(partition, tmp_path):
         others = [n for n in names if n != victim]
         recs = rounds(out)
         assert [r["round"] for r in recs] == [1, 2]
-        assert sorted(recs[0]["sites"]) == names and recs[0]["missing_sites"] == []
+        assert sorted(recs[0]["sites"]) == names and recs[0]["missing_sites"] == []  # all 3 sites trained round 1
+        assert recs[0]["failures"] == [] and recs[0]["rejected"] == []
+        assert recs[0]["num_examples"] == sum(s["num-examples"] for s in recs[0]["sites"].values())
+        assert all(s["num-examples"] > 0 for s in recs[0]["sites"].values())
+        assert all(0.0 <= r["val"]["auc"] <= 1.0 for r in recs)
         assert sorted(recs[1]["sites"]) == others
         assert recs[1]["missing_sites"] == [victim]  # named from its round-1 reply, not a node id
         assert recs[1]["num_examples"] == sum(recs[1]["sites"][n]["num-examples"] for n in others)
@@ -88,6 +94,17 @@ def test_supernode_killed_mid_round(partition, tmp_path):
         assert part["1"]["trained"] == names and part["1"]["missing"] == []
         assert part["2"]["trained"] == others and part["2"]["missing"] == [victim]
         assert report["rounds"] == 2 and 1 <= report["selected_round"] <= 2
+        assert report["data"]["source"] == "phantom"
+        assert set(report["test"]["auc"]) >= {"value", "ci95"}
+        assert set(report["test_per_site"]) <= set(names)
+        counts = report["data"]["site_train_counts"]  # the victim's from round 1, the others' from round 2
+        assert sorted(counts) == names and all(c["pd"] + c["control"] == c["num_examples"] > 0 for c in counts.values())
+        assert counts[victim]["round"] == 1 and all(counts[n]["round"] == 2 for n in others)
+        assert report["data"]["server_split_audit"]["subjects_shared_across_splits"] == 0
+        ls = subprocess.run([str(BIN / "flwr"), "ls", "deploy", "--format", "json"], env=flwr_env(home),
+                            capture_output=True, text=True, timeout=60)
+        assert "finished:completed" in ls.stdout, ls.stdout + ls.stderr  # a dead site does not fail the run
+        assert link.popen.poll() is None, link.log_text()[-2000:]
         for n in others:
             assert sites[n].popen.poll() is None, f"site {n} died: {sites[n].log_text()[-2000:]}"
     finally:
@@ -95,6 +112,7 @@ def test_supernode_killed_mid_round(partition, tmp_path):
             cli.kill()
         for p in reversed(procs):
             stop(p)
+    assert all(p.popen.poll() is not None for p in procs)  # stop() ended every process it was given
 
 
 def test_superlink_killed_after_round_then_resumed(partition, tmp_path):

@@ -1,5 +1,6 @@
-"""End to end on real Flower processes: simulation (fedpd simulate and plain flwr run), resume after a
-kill, and a deployment with a real SuperLink and 3 real SuperNodes on 127.0.0.1.
+"""End to end on real Flower processes: simulation (fedpd simulate and plain flwr run) and resume after a
+kill. Deployments with real SuperLinks and SuperNodes are in test_deploy.py (2 sites over TLS with
+authentication, from the kits), test_faults.py (3 sites, insecure; faults) and test_bad_site.py.
 
 Every process is started on free ports with its own FLWR_HOME and stopped by PID in ``finally``.
 The cohort is the phantom at 32^3 through the real ingest/split/partition path.
@@ -19,8 +20,7 @@ import pytest
 
 from common.ingest import ingest
 from common.splits import partition_manifest, split_manifest
-from simulation.flower import (APP_DIR, BIN, flwr_env, flwr_run, free_port, start_superlink, start_supernode, stop,
-                               write_connections, write_run_config)
+from simulation.flower import APP_DIR, BIN, flwr_env, free_port, write_connections, write_run_config
 from simulation.phantom import generate_phantom
 
 pytestmark = pytest.mark.slow
@@ -148,33 +148,3 @@ def test_simulate_resume_after_kill(cohort, tmp_path):
     recs, report = _check_outputs(out, 4, _site_names(cohort))
     assert recs[: len(before)] == before
     assert "test AUC" in again.stdout and "phantom" in again.stdout
-
-
-def test_deployment_superlink_and_three_supernodes(cohort, tmp_path):
-    """Real flower-superlink + 3 flower-supernode processes, each with its own --node-config."""
-    out = tmp_path / "run"
-    procs = []
-    try:
-        link = start_superlink(tmp_path / "link", database=tmp_path / "link" / "state.db")
-        procs.append(link)
-        for csv in sorted((cohort / "sites").glob("*.csv")):
-            node_config = f"data-path='{csv}' cache-dir='{tmp_path / 'cache' / csv.stem}'"
-            procs.append(start_supernode(tmp_path / f"site-{csv.stem}", f"127.0.0.1:{link.port}",
-                                         node_config=node_config, name=f"site-{csv.stem}"))
-        home = tmp_path / "cli"
-        write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
-        cfg = write_run_config(tmp_path / "rc.toml", SMALL | {
-            "num-server-rounds": 2, "min-nodes": 3, "server-manifest": str(cohort / "server.csv"),
-            "out-dir": str(out)})
-        code = flwr_run(home, "deploy", run_config=cfg, log=tmp_path / "flwr-run.log", timeout=600)
-        assert code == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
-        ls = subprocess.run([str(BIN / "flwr"), "ls", "deploy", "--format", "json"], env=flwr_env(home),
-                            capture_output=True, text=True, timeout=60)
-        assert "finished:completed" in ls.stdout, ls.stdout + ls.stderr
-        _check_outputs(out, 2, _site_names(cohort))
-        for p in procs[1:]:
-            assert p.popen.poll() is None, f"{p.name} died: {p.log_text()[-2000:]}"
-    finally:
-        for p in reversed(procs):
-            stop(p)
-    assert all(p.popen.poll() is not None for p in procs)

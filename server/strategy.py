@@ -78,6 +78,19 @@ def _check_count(name: str, value, low: int, high: int) -> str | None:
     return None
 
 
+def _check_structure(content: RecordDict, metric_keys, *, arrays: bool, finite: bool) -> str | None:
+    """Records, metric keys and single-number metric values (finite ones when ``finite``) of a reply."""
+    reason = _check_records(content, arrays=arrays) or _check_metric_keys(content.metric_records[keys.METRICS], metric_keys)
+    if reason:
+        return reason
+    for name, value in content.metric_records[keys.METRICS].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {name!r} = {value!r} is not a single number"
+        if finite and not math.isfinite(value):
+            return f"metric {name!r} = {value} is not finite"
+    return None
+
+
 def check_train_reply(content: RecordDict, reference: dict[str, tuple[int, ...]] | None, *,
                       metric_keys: Iterable[str] = keys.TRAIN_METRIC_KEYS,
                       max_num_examples: int = MAX_NUM_EXAMPLES) -> str | None:
@@ -109,18 +122,10 @@ def check_train_reply(content: RecordDict, reference: dict[str, tuple[int, ...]]
         metric_keys: the exact metric keys a train reply carries.
         max_num_examples: upper bound of ``num-examples``.
     """
-    reason = _check_records(content, arrays=True)
+    reason = _check_structure(content, metric_keys, arrays=True, finite=True)
     if reason:
         return reason
     metrics = content.metric_records[keys.METRICS]
-    reason = _check_metric_keys(metrics, metric_keys)
-    if reason:
-        return reason
-    for name, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"metric {name!r} = {value!r} is not a single number"
-        if not math.isfinite(value):
-            return f"metric {name!r} = {value} is not finite"
     n = metrics[keys.NUM_EXAMPLES]
     reason = _check_count(keys.NUM_EXAMPLES, n, 1, max_num_examples)
     if reason:
@@ -164,17 +169,10 @@ def check_evaluate_reply(content: RecordDict, *, metric_keys: Iterable[str] = EV
     ``[0, max_num_examples]`` (0 = the site has no validation rows). Metric values may be NaN: a
     one-class validation split has undefined metrics, which :func:`nan_aware_mean` leaves out.
     """
-    reason = _check_records(content, arrays=False)
+    reason = _check_structure(content, metric_keys, arrays=False, finite=False)
     if reason:
         return reason
-    metrics = content.metric_records[keys.METRICS]
-    reason = _check_metric_keys(metrics, metric_keys)
-    if reason:
-        return reason
-    for name, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"metric {name!r} = {value!r} is not a single number"
-    return _check_count(keys.NUM_EXAMPLES, metrics[keys.NUM_EXAMPLES], 0, max_num_examples)
+    return _check_count(keys.NUM_EXAMPLES, content.metric_records[keys.METRICS][keys.NUM_EXAMPLES], 0, max_num_examples)
 
 
 def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:

@@ -56,7 +56,7 @@ def _simulate(a):
     report = simulate(partition, a.rounds, a.out, run_config=a.run_config)
     from simulation.demo import auc_line
 
-    print(f"report: {Path(a.out).resolve() / 'report.json'}")
+    print(f"report: {Path(a.out).resolve() / 'report.html'} ({Path(a.out).resolve() / 'report.json'})")
     print(auc_line(report))
 
 

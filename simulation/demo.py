@@ -81,7 +81,7 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
     report = simulate(data / "partition", rounds, out, run_config=run_config)
     print(f"({time.perf_counter() - t:.1f}s)")
 
-    print(f"\nreport: {out / 'report.json'}")
+    print(f"\nreport: {out / 'report.html'} (figures in {out / 'figures'}, numbers in {out / 'report.json'})")
     print(auc_line(report))
     print(f"total demo time {time.perf_counter() - t0:.0f}s")
     return report

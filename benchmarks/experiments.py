@@ -61,7 +61,7 @@ EXPERIMENTS = {
     "fedavg-dirichlet": (DEMO["effect"], "subject", "dirichlet", "fedavg", ""),
     "fedavg-dirichlet-effect0": (0.0, "subject", "dirichlet", "fedavg", ""),
     "fedavg-natural-scansplit": (DEMO["effect"], "scan", "natural", "fedavg", ""),
-    "fedavg-holdout-A": (DEMO["effect"], "subject", "natural", "fedavg", "site-A"),
+    "fedavg-holdout-10": (DEMO["effect"], "subject", "natural", "fedavg", "10"),
 }
 
 

@@ -4,7 +4,7 @@ Generates a demo-sized phantom (120 subjects, 3 sites, 48^3 voxels of 4 mm) with
 ``--seed`` into a temporary folder, ingests it, splits it by subject (val 0.15, test 0.15), then trains
 Med3D resnet_10 CENTRALIZED on all train rows with the federated code path (``make_model``,
 ``train_loader`` with the class-balancing sampler and augmentation, ``train_local``) and the demo's
-run-config (input 48^3 at 4 mm, batch 8, lr 0.001, pyproject defaults otherwise), one epoch at a time
+run-config (input 48^3 at 4 mm, batch 8, lr 0.0001, pyproject defaults otherwise), one epoch at a time
 for ``--epochs`` epochs. The epoch with the highest validation AUC is selected, the threshold is chosen
 on validation (Youden), and test is evaluated once with subject-level bootstrap CIs.
 
@@ -44,7 +44,7 @@ from common.train import train_local
 from simulation import phantom
 
 DEMO_COHORT = {"subjects": 120, "sites": 3, "shape": 48}
-DEMO_RUN_CONFIG = {"input-shape": "48,48,48", "spacing": "4.0,4.0,4.0", "batch-size": 8, "lr": 0.001,
+DEMO_RUN_CONFIG = {"input-shape": "48,48,48", "spacing": "4.0,4.0,4.0", "batch-size": 8, "lr": 0.0001,
                    "class-balancing": "sampler"}
 
 

@@ -21,7 +21,7 @@ from common.data import build_dataset, class_counts, class_weights, make_loader
 from common.device import Runtime
 from common.metrics import binary_metrics, bootstrap_ci, best_threshold
 from common.model import build_med3d
-from common.run import RunDir, atomic_write_bytes, atomic_write_text, select_round
+from common.run import SELECTION_RULE, RunDir, atomic_write_bytes, atomic_write_text, select_round
 from common.train import EvalResult, load_state_numpy, predict
 
 __all__ = ["make_model", "train_loader", "eval_loader", "evaluate_rows", "finalize_run", "data_source",
@@ -142,7 +142,7 @@ def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFram
             **(extra or {}).get("data", {}),
         },
         "selected_round": selected,
-        "selection": "highest validation AUC (ties: lower validation loss, then earlier round)",
+        "selection": SELECTION_RULE,
         "threshold": threshold,
         "threshold_rule": "Youden's J on the server validation rows of the selected round",
         "val": val_metrics,

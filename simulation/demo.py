@@ -18,7 +18,7 @@ MARKER = ".fedpd-demo"
 
 # Sized so the whole demo (after `make setup`) finishes well inside 20 minutes on 2 CPU cores.
 DEMO = {"subjects": 120, "sites": 3, "shape": 48, "effect": 1.0, "seed": 0, "rounds": 8}
-DEMO_RUN_CONFIG = "input-shape='48,48,48' spacing='4.0,4.0,4.0' batch-size=8 local-epochs=2 lr=0.001"
+DEMO_RUN_CONFIG = "input-shape='48,48,48' spacing='4.0,4.0,4.0' batch-size=8 local-epochs=2 lr=0.0001"
 
 
 def _num(v) -> str:

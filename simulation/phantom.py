@@ -61,11 +61,19 @@ SCANNERS = (("MPRAGE GRAPPA", "TrioTim", 3.0), ("SAG 3D T1 FSPGR", "Signa HDxt",
 # PD target regions in MNI mm: (centre, sigma) of putamen, caudate head and midbrain (substantia nigra).
 DEEP_GM = (((-25, 2, 1), 7.0), ((25, 2, 1), 7.0), ((-13, 13, 9), 5.0), ((13, 13, 9), 5.0), ((0, -19, -11), 7.0))
 # Lateral ventricles: centroids (+-11.5, -9.7, 15.9) and spread (7, 21, 7) mm measured on the nilearn template.
-VENTRICLES = (((-12, -10, 16), (8.0, 20.0, 8.0)), ((12, -10, 16), (8.0, 20.0, 8.0)))
+# Their enlargement is one radial Gaussian displacement bump centred between them, wider than the ventricles,
+# so it also pushes periventricular tissue outwards (central atrophy): up to ~15 mm at the cap, where bumps the
+# size of each ventricle moved tissue by less than one 4 mm voxel laterally and a from-scratch Med3D could not
+# learn the effect at demo size. One bump, not two overlapping ones, keeps the warp fold-free below the cap.
+VENTRICLES = (((0, -10, 16), (20.0, 30.0, 16.0)),)
 # Effect sizes at effect=1 and severity 1: deep-GM shrink, ventricle expansion, deep-GM darkening.
 PD_SHRINK, PD_VENTRICLE, PD_DARKEN = 0.6, 0.6, 0.4
 AGE_VENTRICLE = 0.004               # ventricle expansion per year of age around 63 (label independent)
 GROUP_SEVERITY = {"PD": 1.0, "Prodromal": 0.4, "SWEDD": 0.0, "Control": 0.0}
+SEVERITY_RANGE = (0.4, 1.6)         # per-subject PD severity, uniform
+# Caps keep the warp fold-free (Jacobian determinant > 0 with both at their caps, tests/test_phantom.py).
+DARKEN_CAP, VENTRICLE_CAP, SHRINK_CAP = 0.6, 0.85, 0.8
+SITE_GAMMA, SITE_CONTRAST = (0.9, 1.1), 0.15  # scanner nuisance: gamma range, +- GM/WM contrast
 _BASIS = 3                          # cosine orders 0..2 for smooth fields
 _STREAMS = {"cohort": 0, "site": 1, "anatomy": 2, "severity": 3, "scan": 4, "format": 5}
 
@@ -179,8 +187,8 @@ def _plan(subjects: int, sites: int, seed: int, dicom_fraction: float):
             "name": _site_name(k), "cno": str(10 * (k + 1)), "description": desc, "model": model, "tesla": tesla,
             "pd_share": float(shares[k]), "scale": 0.75 + 0.6 * ranks[0][k] + r.normal(0, 0.02),
             "noise": 0.012 + 0.03 * ranks[1][k], "blur": np.array([0.2, 0.2, 0.2 + 1.0 * ranks[2][k]]),
-            "gamma": float(r.uniform(0.9, 1.1)), "rician": bool(r.random() < 0.5),
-            "bias": _coefficients(r, 1, 0.12), "contrast": float(r.uniform(-0.15, 0.15))})
+            "gamma": float(r.uniform(*SITE_GAMMA)), "rician": bool(r.random() < 0.5),
+            "bias": _coefficients(r, 1, 0.12), "contrast": float(r.uniform(-SITE_CONTRAST, SITE_CONTRAST))})
     sizes = 4 + rng.multinomial(subjects - 4 * sites, rng.dirichlet(np.full(sites, 2.5)))
     site_of = rng.permutation(np.repeat(np.arange(sites), sizes))
     patnos = rng.choice(np.arange(3000, 3000 + max(2000, 4 * subjects)), subjects, replace=False)
@@ -224,7 +232,7 @@ def _anatomy(seed: int, subject: dict, basis: np.ndarray, voxel: float) -> dict:
     scale = math.exp(r.normal(0, 0.035)) * (1.02 if subject["sex"] == "M" else 0.98) * np.exp(r.normal(0, 0.015, 3))
     field = _smooth(_coefficients(r, 3, 2.0 / voxel), basis)
     return {"scale": scale, "field": field, "gamma": math.exp(r.normal(0, 0.03)),
-            "severity": float(_rng(seed, "severity", subject["index"]).uniform(0.4, 1.6))}
+            "severity": float(_rng(seed, "severity", subject["index"]).uniform(*SEVERITY_RANGE))}
 
 
 def _render(tpl: _Templates, volumes: tuple, site: dict, subject: dict, anatomy: dict, scan: dict, effect: float,
@@ -239,17 +247,17 @@ def _render(tpl: _Templates, volumes: tuple, site: dict, subject: dict, anatomy:
     m = Rotation.from_euler("xyz", r.normal(0, 1.0, 3), degrees=True).as_matrix() / anatomy["scale"][None, :]
     shift = r.normal(0, 1.0, 3) / voxel
     u = anatomy["field"] + _smooth(_coefficients(r, 3, 0.4 / voxel), tpl.basis)
-    vent = min(AGE_VENTRICLE * (age - 63.0) + PD_VENTRICLE * pd, 0.85)  # < 1: no folding at the centre
+    vent = min(AGE_VENTRICLE * (age - 63.0) + PD_VENTRICLE * pd, VENTRICLE_CAP)
     u += tpl.ventricle * np.float32(vent)
     if pd:
-        u += tpl.shrink * np.float32(PD_SHRINK * pd)
+        u += tpl.shrink * np.float32(min(PD_SHRINK * pd, SHRINK_CAP))
     centre = (tpl.t1.shape[0] - 1) / 2
     t1, deep = volumes
     p = np.einsum("ij,jxyz->ixyz", m.astype(np.float32), tpl.grid) + u
     p += (centre + shift).astype(np.float32).reshape(3, 1, 1, 1)
     img = ndimage.map_coordinates(t1, p, order=1, mode="constant", cval=0.0, output=np.float32)
     if pd:
-        darken = np.float32(min(PD_DARKEN * pd, 0.6))
+        darken = np.float32(min(PD_DARKEN * pd, DARKEN_CAP))
         img -= darken * ndimage.map_coordinates(deep, p, order=1, mode="constant", cval=0.0, output=np.float32)
     img = np.clip(img, 0, None) ** np.float32(site["gamma"] * anatomy["gamma"])
     bias = np.exp(_smooth(site["bias"] + _coefficients(r, 1, 0.03), tpl.basis)[0])

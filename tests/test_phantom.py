@@ -242,6 +242,20 @@ def test_effect_zero_images_ignore_the_label():
     assert np.array_equal(render("Control", 1.0), render("Control", 0.0))
 
 
+@pytest.mark.parametrize("shape", [48, 64])
+def test_pd_warp_at_its_caps_does_not_fold(shape):
+    """The strongest PD warp (ventricle enlargement and deep-GM shrinkage both at their caps) keeps a positive
+    Jacobian determinant inside the head, and still moves tissue by more than one voxel."""
+    tpl = phantom._load_templates(shape)
+    u = tpl.ventricle * np.float32(phantom.VENTRICLE_CAP) + tpl.shrink * np.float32(phantom.SHRINK_CAP)
+    jac = np.stack([np.stack(np.gradient(u[i]), 0) for i in range(3)], 0) + np.eye(3)[:, :, None, None, None]
+    det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+    head = tpl.t1 > 0.05
+    assert det[head].min() > 0, f"the warp folds: min Jacobian determinant {det[head].min():.4f}"
+    moved_mm = np.abs(tpl.ventricle * phantom.VENTRICLE_CAP).max() * tpl.affine[0, 0]
+    assert moved_mm > 2 * tpl.affine[0, 0], moved_mm
+
+
 def test_classifier_auc_chance_at_effect_zero_and_high_at_default(signal):
     auc0 = _grouped_cv_auc(signal[0.0][3], signal[0.0][2])
     auc1 = _grouped_cv_auc(signal[1.0][3], signal[1.0][2])

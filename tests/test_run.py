@@ -207,41 +207,54 @@ def rec(round_, auc, loss=0.5):
     return {"round": round_, "val": {"auc": auc, "loss": loss}}
 
 
-def test_select_round_highest_val_auc():
-    assert select_round([rec(1, 0.6), rec(2, 0.9), rec(3, 0.7)]) == 2
+def test_select_round_lowest_val_loss_by_default():
+    assert select_round([rec(1, 0.9, loss=0.6), rec(2, 0.7, loss=0.3), rec(3, 0.95, loss=0.5)]) == 2
 
 
-def test_select_round_tie_goes_to_lower_val_loss():
-    assert select_round([rec(1, 0.8, loss=0.7), rec(2, 0.8, loss=0.4), rec(3, 0.8, loss=0.6)]) == 2
+def test_select_round_a_lucky_early_auc_does_not_win():
+    """The demo-size case that changed the rule: an early round with near-constant scores ranked 9 control
+    scans almost perfectly (AUC 0.98), a later, learned model had AUC 0.93 and a lower loss."""
+    records = [rec(1, 0.746, 0.608), rec(2, 0.976, 0.482), rec(3, 0.966, 0.654), rec(6, 0.934, 0.365),
+               rec(7, 0.939, 2.508)]
+    assert select_round(records) == 6
+    assert select_round(records, by="auc") == 2
 
 
-def test_select_round_full_tie_goes_to_earlier_round():
+def test_select_round_loss_tie_goes_to_higher_auc_then_earlier_round():
+    assert select_round([rec(1, 0.7, loss=0.4), rec(2, 0.8, loss=0.4), rec(3, 0.6, loss=0.9)]) == 2
     assert select_round([rec(3, 0.8, 0.5), rec(1, 0.8, 0.5), rec(2, 0.8, 0.5)]) == 1
-
-
-def test_select_round_nan_loss_loses_tie():
-    assert select_round([rec(1, 0.8, loss=float("nan")), rec(2, 0.8, loss=0.9)]) == 2
-    assert select_round([rec(1, 0.8, loss=None), rec(2, 0.8, loss=0.9)]) == 2
+    assert select_round([rec(1, None, 0.5), rec(2, 0.6, 0.5)]) == 2
 
 
 @pytest.mark.parametrize("missing", [float("nan"), None])
-def test_select_round_nan_or_none_auc_never_wins(missing):
+def test_select_round_nan_or_none_loss_never_wins(missing):
+    assert select_round([rec(1, 0.99, loss=missing), rec(2, 0.6, loss=0.9)]) == 2
+
+
+def test_select_round_by_auc_tie_goes_to_lower_val_loss_then_earlier_round():
+    assert select_round([rec(1, 0.8, loss=0.7), rec(2, 0.8, loss=0.4), rec(3, 0.8, loss=0.6)], by="auc") == 2
+    assert select_round([rec(3, 0.8, 0.5), rec(1, 0.8, 0.5), rec(2, 0.8, 0.5)], by="auc") == 1
+    assert select_round([rec(1, 0.8, loss=float("nan")), rec(2, 0.8, loss=0.9)], by="auc") == 2
+
+
+@pytest.mark.parametrize("missing", [float("nan"), None])
+def test_select_round_by_auc_nan_or_none_auc_never_wins(missing):
     records = [rec(1, missing, loss=0.01), rec(2, 0.51, loss=5.0), rec(3, missing, loss=0.001)]
-    assert select_round(records) == 2
+    assert select_round(records, by="auc") == 2
 
 
 def test_select_round_after_json_round_trip(run):
-    """rounds.jsonl stores NaN AUC as null; selection must still skip it."""
-    for r in (rec(1, float("nan"), 0.1), rec(2, 0.55, 0.9), rec(3, 0.7, 0.8)):
+    """rounds.jsonl stores NaN as null; selection must still skip it."""
+    for r in (rec(1, 0.9, float("nan")), rec(2, 0.55, 0.9), rec(3, 0.7, 0.8)):
         run.append_round(r)
-    assert run.read_rounds()[0]["val"]["auc"] is None
+    assert run.read_rounds()[0]["val"]["loss"] is None
     assert select_round(run.read_rounds()) == 3
 
 
 def test_select_round_other_metric():
     records = [{"round": 1, "val": {"auc": 0.9, "balanced_accuracy": 0.5, "loss": 0.5}},
                {"round": 2, "val": {"auc": 0.6, "balanced_accuracy": 0.7, "loss": 0.5}}]
-    assert select_round(records, metric="balanced_accuracy") == 2
+    assert select_round(records, by="balanced_accuracy") == 2
 
 
 def test_select_round_empty_raises():
@@ -251,7 +264,10 @@ def test_select_round_empty_raises():
         select_round([{"round": 1}, {"round": 2, "val": {}}])
 
 
-def test_select_round_all_auc_undefined_falls_back_to_loss_with_warning():
+def test_select_round_falls_back_to_the_other_criterion_with_warning():
     records = [{"round": 1, "val": {"auc": None, "loss": 0.7}}, {"round": 2, "val": {"auc": float("nan"), "loss": 0.6}}]
     with pytest.warns(RuntimeWarning, match="undefined in every round"):
-        assert select_round(records) == 2
+        assert select_round(records, by="auc") == 2
+    records = [{"round": 1, "val": {"auc": 0.7, "loss": None}}, {"round": 2, "val": {"auc": 0.6, "loss": float("nan")}}]
+    with pytest.warns(RuntimeWarning, match="undefined in every round"):
+        assert select_round(records) == 1

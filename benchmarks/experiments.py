@@ -30,24 +30,24 @@ FEDPD = str(ROOT / ".venv" / "bin" / "fedpd")
 METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy")
 
 
-def _cohort(out: Path, effect: float, split: str, scheme: str) -> tuple[Path, list[str]]:
-    """Commands that build (once) the partition for (effect, split kind, scheme); returns its folder."""
-    data = out / f"data-effect{effect:g}"
+def _cohort(out: Path, effect: float, split: str, scheme: str, seed: int = DEMO["seed"]) -> tuple[Path, list[str]]:
+    """Commands that build (once) the partition for (effect, split kind, scheme, seed); returns its folder."""
+    data = out / (f"data-effect{effect:g}" + (f"-seed{seed}" if seed != DEMO["seed"] else ""))
     manifest = data / f"manifest-{split}.csv"
     part = data / f"partition-{split}-{scheme}"
     cmds = []
     if not (data / "download" / "phantom.json").exists():
         cmds.append(f"{FEDPD} phantom {data / 'download'} --subjects {DEMO['subjects']} --sites {DEMO['sites']} "
-                    f"--shape {DEMO['shape']} --effect {effect:g} --seed {DEMO['seed']}")
+                    f"--shape {DEMO['shape']} --effect {effect:g} --seed {seed}")
     if not (data / "manifest.csv").exists():
         cmds.append(f"{FEDPD} ingest {data / 'download'} --csv {data / 'download' / 'idaSearch.csv'} "
                     f"--sites-csv {data / 'download' / 'centres.csv'} --out {data / 'manifest.csv'}")
     if not manifest.exists():
         unsafe = " --unsafe-split-by-scan" if split == "scan" else ""
-        cmds.append(f"{FEDPD} split {data / 'manifest.csv'} --val 0.2 --test 0.25 --seed {DEMO['seed']} --out {manifest}{unsafe}")
+        cmds.append(f"{FEDPD} split {data / 'manifest.csv'} --val 0.2 --test 0.25 --seed {seed} --out {manifest}{unsafe}")
     if not (part / "partition.json").exists():
         extra = f" --sites {DEMO['sites']} --alpha 0.5" if scheme == "dirichlet" else ""
-        cmds.append(f"{FEDPD} partition {manifest} --scheme {scheme}{extra} --seed {DEMO['seed']} --out {part}")
+        cmds.append(f"{FEDPD} partition {manifest} --scheme {scheme}{extra} --seed {seed} --out {part}")
     return part, cmds
 
 
@@ -69,7 +69,19 @@ def run(name: str, out: Path) -> dict:
     effect, split, scheme, arm, holdout = EXPERIMENTS[name]
     part, cmds = _cohort(out, effect, split, scheme)
     run_dir = out / name
-    rc = shlex.quote(f"{DEMO_RUN_CONFIG} num-server-rounds={DEMO['rounds']}")
+    rc = f"{DEMO_RUN_CONFIG} num-server-rounds={DEMO['rounds']}"
+    if holdout == "standin":
+        source, more = _cohort(out, effect, split, scheme, seed=STANDIN_SEED)
+        cmds += more
+        standin = out / "standin"
+        if not (standin / "medicalnet-standin.pth").exists():
+            cmds.append(f"{FEDPD} baseline --mode centralized --partition {source} --out {standin / 'run'} "
+                        f"--run-config {shlex.quote(rc)}")
+            cmds.append(f"{sys.executable} {ROOT / 'benchmarks' / 'standin_checkpoint.py'} "
+                        f"{standin / 'run' / 'model.pt'} {standin / 'medicalnet-standin.pth'}")
+        rc += f" pretrained-path='{standin / 'medicalnet-standin.pth'}'"
+        holdout = ""
+    rc = shlex.quote(rc)
     if arm == "fedavg":
         hold = f" --holdout-site {holdout}" if holdout else ""
         cmds.append(f"{FEDPD} simulate --partition {part} --out {run_dir} --run-config {rc}{hold}")
@@ -101,7 +113,7 @@ def _fmt(m: dict) -> str:
 
 def markdown(results: dict) -> str:
     lines = ["| experiment | effect | split | partition | arm | test AUC [95% CI] | balanced acc. | sensitivity | "
-             "specificity | test scans/subjects | wall |", "|" + "---|" * 11]
+             "specificity | test scans/subjects | round | wall |", "|" + "---|" * 12]
     for name in EXPERIMENTS:
         res = results.get(name)
         if not res:
@@ -112,7 +124,8 @@ def markdown(results: dict) -> str:
             part = res["scheme"] + (f", holdout {res['holdout']}" if res["holdout"] else "")
             lines.append(f"| {name} | {res['effect']:g} | {split} | {part} | {row['arm']} | {_fmt(t['auc'])} | "
                          f"{_fmt(t['balanced_accuracy'])} | {_fmt(t['sensitivity'])} | {_fmt(t['specificity'])} | "
-                         f"{row['test_counts']['scans']}/{row['test_counts']['subjects']} | {res['seconds']:.0f}s |")
+                         f"{row['test_counts']['scans']}/{row['test_counts']['subjects']} | {row['selected_round']} | "
+                         f"{res['seconds']:.0f}s |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ the app's own loaders, class balancing and loop (the centralized arm: the same c
 pooled in one process so the test stays cheap) -> round and threshold chosen on validation -> test looked at
 once -> subject-bootstrap 95 % CI. At ``--effect 0`` the labels carry no image signal, so the CI must contain
 0.5, and the training loss must have fallen (an untrained model would pass trivially). Measured here:
-test AUC 0.476 [0.247, 0.740] on 71 scans of 33 subjects (7 controls); train loss 0.670 -> 0.605 over 3 rounds.
+test AUC 0.476 [0.247, 0.740] on 71 scans of 33 subjects (7 controls); train loss 0.670 -> 0.629 over 2 rounds.
 
 Cohort: 120 subjects at 24^3 (8 mm), so that the test split keeps ~8 control subjects: with 2-3 (a 40-subject
 cohort) a bootstrap over subjects is too coarse to mean anything. The positive control (the default effect's
@@ -28,7 +28,7 @@ from simulation.baselines import run_baseline
 from simulation.phantom import generate_phantom
 
 COHORT = {"subjects": 120, "sites": 3, "shape": 24, "seed": 0}
-RUN_CONFIG = "input-shape='24,24,24' spacing='8.0,8.0,8.0' batch-size=8 num-server-rounds=3 local-epochs=2 lr=0.0001"
+RUN_CONFIG = "input-shape='24,24,24' spacing='8.0,8.0,8.0' batch-size=8 num-server-rounds=2 local-epochs=2 lr=0.0001"
 
 
 def _pipeline(root: Path, effect: float) -> dict:

@@ -61,6 +61,8 @@ EXPERIMENTS = {
     "fedavg-dirichlet": (DEMO["effect"], "subject", "dirichlet", "fedavg", ""),
     "fedavg-dirichlet-effect0": (0.0, "subject", "dirichlet", "fedavg", ""),
     "fedavg-natural-scansplit": (DEMO["effect"], "scan", "natural", "fedavg", ""),
+    # no signal at all: whatever lifts the AUC above 0.5 here is the subject leaking from train into test
+    "fedavg-natural-scansplit-effect0": (0.0, "scan", "natural", "fedavg", ""),
     "fedavg-holdout-10": (DEMO["effect"], "subject", "natural", "fedavg", "10"),
 }
 

@@ -64,7 +64,12 @@ EXPERIMENTS = {
     # no signal at all: whatever lifts the AUC above 0.5 here is the subject leaking from train into test
     "fedavg-natural-scansplit-effect0": (0.0, "scan", "natural", "fedavg", ""),
     "fedavg-holdout-10": (DEMO["effect"], "subject", "natural", "fedavg", "10"),
+    # pretrained from a STAND-IN checkpoint (no MedicalNet file here): Med3D trained centralized on another
+    # phantom cohort (seed 1, disjoint subjects), exported in MedicalNet's format (benchmarks/standin_checkpoint.py).
+    # Its scratch arm is fedavg-natural: the same command with pretrained-path=''.
+    "fedavg-natural-pretrained-standin": (DEMO["effect"], "subject", "natural", "fedavg", "standin"),
 }
+STANDIN_SEED = 1
 
 
 def run(name: str, out: Path) -> dict:

@@ -56,6 +56,8 @@ EXPERIMENTS = {
     "fedavg-natural": (DEMO["effect"], "subject", "natural", "fedavg", ""),
     "centralized-natural": (DEMO["effect"], "subject", "natural", "centralized", ""),
     "local-natural": (DEMO["effect"], "subject", "natural", "local", ""),
+    "local-natural-effect0": (0.0, "subject", "natural", "local", ""),
+    "local-dirichlet": (DEMO["effect"], "subject", "dirichlet", "local", ""),
     "fedavg-natural-effect0": (0.0, "subject", "natural", "fedavg", ""),
     "centralized-natural-effect0": (0.0, "subject", "natural", "centralized", ""),
     "fedavg-dirichlet": (DEMO["effect"], "subject", "dirichlet", "fedavg", ""),

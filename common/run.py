@@ -20,7 +20,7 @@ import torch
 
 from common.errors import CheckpointError
 
-__all__ = ["RunDir", "CHECKPOINT_FORMAT", "select_round", "SELECTION_RULE", "git_commit", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["RunDir", "CHECKPOINT_FORMAT", "select_round", "SELECTION_RULE", "git_commit", "GIT_COMMIT_ENV", "atomic_write_text", "atomic_write_bytes"]
 
 CHECKPOINT_FORMAT = "fedpd-checkpoint-1"
 
@@ -45,8 +45,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+GIT_COMMIT_ENV = "FEDPD_GIT_COMMIT"
+
+
 def git_commit() -> str:
-    """The commit of the code that runs, or ``"unknown"`` outside a git checkout."""
+    """The commit of the code that runs, or ``"unknown"`` outside a git checkout.
+
+    Flower runs the app from an installed FAB (no ``.git``), so whoever starts the Flower processes from a
+    checkout passes its commit down in ``FEDPD_GIT_COMMIT`` (``fedpd simulate`` does), which wins.
+    """
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.run import GIT_COMMIT_ENV, git_commit
+
 __all__ = ["Proc", "free_port", "flwr_env", "start_superlink", "start_supernode", "stop", "write_connections",
            "flwr_run", "wait_for_port", "write_run_config", "APP_DIR"]
 
@@ -42,6 +44,9 @@ def flwr_env(home: Path, **extra: str) -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
     })
+    commit = git_commit()  # the FAB the processes run has no .git: provenance travels in the environment
+    if commit != "unknown":
+        env[GIT_COMMIT_ENV] = commit
     env.update(extra)
     return env
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from common.ingest import ingest
+from common.run import git_commit
 from common.splits import partition_manifest, split_manifest
 from simulation.flower import APP_DIR, BIN, flwr_env, free_port, write_connections, write_run_config
 from simulation.phantom import generate_phantom
@@ -80,6 +81,7 @@ def _check_outputs(out: Path, rounds: int, sites: set[str]):
         assert (out / "checkpoints" / f"round-{k}.pt").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["source"] == "phantom"
+    assert report["git_commit"] == git_commit()  # provenance survives Flower's FAB install (no .git there)
     assert 1 <= report["selected_round"] <= rounds
     assert set(report["test"]["auc"]) >= {"value", "ci95"}
     assert set(report["test_per_site"]) <= sites

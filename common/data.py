@@ -1,4 +1,4 @@
-"""From manifest rows to batches: cached dataset, preflight checks, class-balanced loaders.
+"""From manifest rows to batches: cached dataset, class-balanced loaders.
 
 Cache layout (one folder per site, from the node-config ``cache-dir``)::
 
@@ -36,17 +36,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import nibabel as nib
-import numpy as np
 import torch
 from monai.data import DataLoader, PersistentDataset
 from monai.data.utils import json_hashing, pickle_hashing
 from torch.utils.data import WeightedRandomSampler
 
 from common.errors import ConfigError, DataError
-from common.transforms import NIFTI_READ_ERRORS, build_pipeline, pipeline_fingerprint
+from common.transforms import build_pipeline, pipeline_fingerprint
 
-__all__ = ["ScanDataset", "build_dataset", "file_fingerprint", "preflight", "class_counts", "class_weights",
+__all__ = ["ScanDataset", "build_dataset", "file_fingerprint", "class_counts", "class_weights",
            "make_loader", "CLASS_BALANCING", "NUM_CLASSES"]
 
 CLASS_BALANCING = ("sampler", "loss", "none")
@@ -163,7 +161,7 @@ def build_dataset(rows, input_shape: Sequence[int], spacing: Sequence[float], ca
     Raises:
         DataError: a row without the required keys or with a bad label, or an unwritable cache folder.
             Problems with an image file are raised when that item is first loaded (run
-            :func:`preflight` to learn them all up front).
+            :func:`common.scans.preflight_scans` to learn them all up front).
     """
     records = _records(rows)
     labels = [_label(r) for r in records]
@@ -177,49 +175,6 @@ def build_dataset(rows, input_shape: Sequence[int], spacing: Sequence[float], ca
                         "cache-dir to a writable folder") from exc
     transform = build_pipeline(input_shape, spacing, train=train, seed=seed)
     return ScanDataset(items, labels, [str(r["image_id"]) for r in records], transform, root, seed)
-
-
-def _header_problem(path: str) -> str | None:
-    """What is wrong with a file by its NIfTI header alone, or ``None`` (voxels are checked on load)."""
-    if not os.path.isfile(path):
-        return "image file not found; restore the file or fix the manifest's path column (or drop the row)"
-    try:
-        img = nib.load(path)
-        shape = tuple(int(s) for s in img.shape)
-    except NIFTI_READ_ERRORS as exc:
-        return (f"cannot be read as NIfTI ({type(exc).__name__}: {exc}); re-download or re-convert it, or drop "
-                "the row")
-    if len(shape) == 4 and shape[3] > 1:
-        return (f"is 4D with {shape[3]} volumes (shape {shape}); give one 3D volume (e.g. the first echo/frame: "
-                "nibabel `img.slicer[..., 0]` or `fslroi in out 0 1`)")
-    if len(shape) not in (3, 4):
-        return f"has {len(shape)} dimensions (shape {shape}); a 3D T1 volume is needed"
-    if not path.endswith(".gz") and hasattr(img, "header") and "vox_offset" in img.header:
-        need = int(img.header["vox_offset"]) + int(np.prod(shape)) * img.get_data_dtype().itemsize
-        if os.path.getsize(path) < need:
-            return f"is truncated ({os.path.getsize(path)} of {need} bytes); re-download or re-convert it"
-    return None
-
-
-def preflight(rows) -> None:
-    """Check every row's file cheaply (exists, NIfTI header readable, one 3D volume, not truncated).
-
-    Voxel values (NaN/Inf, all zero) and compressed-data truncation are only seen when the image is
-    loaded; everything header-level is reported here, for all rows at once.
-
-    Raises:
-        DataError: listing every bad row as ``image_id <id>: <path>: <problem and fix>``.
-    """
-    problems = []
-    records = _records(rows)
-    for rec in records:
-        path = str(Path(str(rec["path"])).expanduser().absolute())
-        problem = _header_problem(path)
-        if problem:
-            problems.append(f"  image_id {rec['image_id']}: {path}: {problem}")
-    if problems:
-        raise DataError(f"{len(problems)} of {len(records)} scan(s) cannot be used; fix or drop these rows:\n"
-                        + "\n".join(problems))
 
 
 def class_counts(rows, num_classes: int = NUM_CLASSES) -> dict[int, int]:

@@ -15,8 +15,7 @@ CSV, one row per scan. Required columns ``image_id, subject_id, visit, label, si
   not a preference: partitions hand whole subjects to sites, so a subject seen at two centres would
   end up in two site files. Fix the sites table (or drop the odd scans) instead.
 
-Image files are not checked by validation (the data pipeline checks on load); :func:`check_files`
-lists missing ones. Error messages count lines as in the CSV file (header = line 1).
+Image files are not checked by validation: :mod:`common.scans` checks them (ingest, preflight). Error messages count lines as in the CSV file (header = line 1).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import pandas as pd
 from common.errors import DataError
 
 __all__ = ["REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "SPLITS", "LABELS", "UNSAFE_SCAN_SPLIT", "read_manifest", "write_manifest",
-           "validate_manifest", "check_files"]
+           "validate_manifest"]
 
 REQUIRED_COLUMNS = ("image_id", "subject_id", "visit", "label", "site", "path")
 OPTIONAL_COLUMNS = ("sex", "age", "acq_date", "description", "source", "split", "unsafe_split")  # source: phantom | ppmi
@@ -229,18 +228,3 @@ def _relative_if_under(p, folder: Path) -> str:
         return str(p.resolve().relative_to(folder.resolve()))
     except ValueError:
         return str(p)
-
-
-def check_files(df: pd.DataFrame, base=None) -> list[str]:
-    """Image ids whose ``path`` is not an existing file, as ``"<image_id>: <path>"`` lines.
-
-    Relative paths are taken from ``base`` (default: the current folder); :func:`read_manifest`
-    already makes them absolute.
-    """
-    root = Path(base) if base is not None else Path.cwd()
-    missing = []
-    for iid, p in zip(df["image_id"], df["path"]):
-        full = Path(str(p)) if Path(str(p)).is_absolute() else root / str(p)
-        if not full.is_file():
-            missing.append(f"{iid}: {full}")
-    return missing

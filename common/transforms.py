@@ -9,7 +9,9 @@ Deterministic part (:func:`deterministic_transforms`), in order:
 1. :class:`LoadNiftid` -- nibabel reads the file (float32, affine kept as metadata). A missing or
    unreadable file raises :class:`~common.errors.DataError` naming it.
 2. :class:`CheckScand` -- refuses what cannot be a 3D T1 scan: 2D, 5D+, 4D with more than one volume,
-   NaN/Inf voxels, no voxel > 0, a non-finite or singular affine.
+   fewer than :data:`MIN_SLICES` voxels along an axis (a scout), NaN/Inf voxels, no voxel > 0, a constant
+   image, a non-finite or singular affine. The same check runs in ``fedpd ingest`` and in the preflight
+   (:mod:`common.scans`).
 3. ``EnsureChannelFirstd`` -> ``[1, X, Y, Z]``; ``Orientationd("RAS")``, so axis 0 runs left->right,
    axis 1 posterior->anterior, axis 2 inferior->superior, whatever the file's orientation (LPS, ...).
 4. ``Spacingd(spacing, bilinear, zeros padding)`` -- resample to ``spacing`` mm (same axis order).
@@ -69,12 +71,15 @@ from nibabel.wrapstruct import WrapStructError
 
 from common.errors import DataError
 
-__all__ = ["KEYS", "PIPELINE_VERSION", "FOREGROUND_MARGIN", "NIFTI_READ_ERRORS", "LoadNiftid", "CheckScand",
+__all__ = ["KEYS", "PIPELINE_VERSION", "FOREGROUND_MARGIN", "NIFTI_READ_ERRORS", "LoadNiftid", "CheckScand", "MIN_SLICES",
            "deterministic_transforms", "train_augmentations", "build_pipeline", "pipeline_fingerprint"]
 
 KEYS = ("image",)
-PIPELINE_VERSION = 1  # bump when LoadNiftid / CheckScand / the step list changes behaviour
+PIPELINE_VERSION = 2  # bump when LoadNiftid / CheckScand / the step list changes behaviour
 FOREGROUND_MARGIN = 4  # voxels kept around the > 0 bounding box before pad/crop
+# Fewest voxels along any axis of a usable 3D T1: a localiser/scout (1-3 slices) or a single-slab export is
+# not a head volume. 8 is far below any real T1 (>= 128 slices) and below our 16^3 test volumes.
+MIN_SLICES = 8
 # What nibabel raises for a file that exists but is not a readable NIfTI (garbage, truncated, bad header).
 NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError, WrapStructError)
 _UNREADABLE_FIX = ("the file is corrupt, truncated or not NIfTI; re-download or re-convert it (fedpd ingest converts "
@@ -135,6 +140,11 @@ class CheckScand(MapTransform):
             if len(shape) not in (3, 4):
                 raise DataError(f"{name}: has {len(shape)} dimensions (shape {shape}); a 3D T1 volume is needed, "
                                 "re-export the series as one 3D NIfTI")
+            spatial = shape[:3]
+            if min(spatial) < MIN_SLICES:
+                raise DataError(f"{name}: has only {min(spatial)} voxel(s) along one axis (shape {shape}); a 3D T1 "
+                                f"head volume needs at least {MIN_SLICES} along every axis (is this a scout/localiser "
+                                "or a single slab?): give the whole-head T1 series, or drop the row")
             values = torch.as_tensor(img)
             bad = int((~torch.isfinite(values)).sum())
             if bad:
@@ -143,6 +153,9 @@ class CheckScand(MapTransform):
             if not bool((values > 0).any()):
                 raise DataError(f"{name}: has no voxel > 0 (all zero or negative); the scan is empty or not a T1 "
                                 "magnitude image, re-export it or drop the row")
+            if bool((values == values.reshape(-1)[0]).all()):
+                raise DataError(f"{name}: is a constant image (every voxel = {float(values.reshape(-1)[0]):g}); it holds "
+                                "no anatomy: re-export the scan, or drop the row")
             affine = np.asarray(getattr(img, "affine", np.eye(4)), dtype=np.float64)
             if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
                 raise DataError(f"{name}: its affine (sform/qform) is non-finite or singular; fix the header "

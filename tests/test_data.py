@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from common.data import build_dataset, class_counts, class_weights, make_loader, preflight
+from common.data import build_dataset, class_counts, class_weights, make_loader
+from common.scans import preflight_scans
 from common.errors import DataError
 from common.transforms import deterministic_transforms, pipeline_fingerprint
 
@@ -256,7 +257,7 @@ def test_single_volume_4d_is_accepted(tmp_path):
 
 def test_preflight_lists_every_bad_row_at_once(tmp_path):
     good = rows_for(tmp_path, [0, 1])
-    preflight(good)  # no complaint
+    assert preflight_scans(good) == 2  # no complaint
     short = tmp_path / "short.nii"
     write(short, brain())
     short.write_bytes(short.read_bytes()[:5000])
@@ -265,7 +266,7 @@ def test_preflight_lists_every_bad_row_at_once(tmp_path):
            {"image_id": "F1", "path": BAD["4d"][0](tmp_path / "four.nii.gz"), "label": 1},
            {"image_id": "T1", "path": str(short), "label": 0}]
     with pytest.raises(DataError) as info:
-        preflight(good + bad)
+        preflight_scans(good + bad)
     msg = str(info.value)
     assert msg.startswith("4 of 6 scan(s)")
     for row, what in zip(bad, ["not found", "cannot be read as NIfTI", "one 3D volume", "truncated"]):

@@ -10,7 +10,8 @@ import pytest
 
 from common.errors import DataError
 from common.ingest import ingest
-from common.manifest import check_files, read_manifest
+from common.manifest import read_manifest
+from common.scans import check_scans
 
 try:
     from data_factory import write_ida_download, write_sites_csv
@@ -55,7 +56,7 @@ def test_ingest_labels_sites_conversion_and_cache(tmp_path, capsys):
     assert lab == {"1001": 1, "1002": 0, "1003": 1, "1006": 0}
     site = dict(zip(m["subject_id"], m["site"]))
     assert site == {"1001": "Hospital A", "1002": "Hospital B", "1003": "10", "1006": "unknown"}
-    assert check_files(m) == []
+    assert check_scans(m) == []  # every manifest path is a usable scan
     row = m.set_index("image_id")
     assert row.loc["I102", "visit"] == "V04" and row.loc["I601", "age"] == 70.5
     assert row.loc["I101", "description"] == "MPRAGE" and row.loc["I101", "sex"] == "M"

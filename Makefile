@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 # Demo knobs (override on the command line: make demo PRETRAINED=/path/resnet_10_23dataset.pth)
 PRETRAINED ?=
 DEMO_DIR   ?= runs/demo
+SEED       ?= 0
 
 .PHONY: setup test demo clean
 
@@ -25,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m simulation.demo --out $(DEMO_DIR) $(if $(PRETRAINED),--pretrained $(PRETRAINED))
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m simulation.demo --out $(DEMO_DIR) --seed $(SEED) $(if $(PRETRAINED),--pretrained $(PRETRAINED))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

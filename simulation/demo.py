@@ -40,8 +40,13 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["rounds"], subjects: int = DEMO["subjects"]) -> dict:
-    """Run the whole demo into ``out``; returns the report dict."""
+def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["rounds"], subjects: int = DEMO["subjects"],
+             seed: int = DEMO["seed"]) -> dict:
+    """Run the whole demo into ``out``; returns the report dict.
+
+    ``seed`` drives everything random: the phantom cohort, the subject split, the partition and the run
+    (initialisation, sampling, augmentation, dropout), so two demos with one seed give one result.
+    """
     from common.ingest import ingest
     from common.splits import partition_manifest, split_manifest
     from simulation.phantom import generate_phantom
@@ -59,7 +64,7 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
 
     t = _step("1/5 phantom cohort (synthetic, never a clinical result)")
     generate_phantom(data / "download", subjects=subjects, sites=DEMO["sites"], shape=DEMO["shape"],
-                     effect=DEMO["effect"], seed=DEMO["seed"])
+                     effect=DEMO["effect"], seed=seed)
     print(f"({time.perf_counter() - t:.1f}s)")
 
     t = _step("2/5 ingest")
@@ -68,16 +73,16 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
     print(f"({time.perf_counter() - t:.1f}s)")
 
     t = _step("3/5 subject-level split")
-    split_manifest(data / "manifest.csv", val=0.2, test=0.25, seed=DEMO["seed"])
+    split_manifest(data / "manifest.csv", val=0.2, test=0.25, seed=seed)
     print(f"({time.perf_counter() - t:.1f}s)")
 
     t = _step("4/5 partition by acquisition site")
-    partition_manifest(data / "manifest.csv", scheme="natural", out=data / "partition", seed=DEMO["seed"])
+    partition_manifest(data / "manifest.csv", scheme="natural", out=data / "partition", seed=seed)
     print(f"({time.perf_counter() - t:.1f}s)")
 
     t = _step(f"5/5 federated simulation: {DEMO['sites']} sites, {rounds} rounds, Med3D resnet_10 "
               + ("(MedicalNet weights)" if pretrained else "(from scratch)"))
-    run_config = DEMO_RUN_CONFIG + (f" pretrained-path='{Path(pretrained).resolve()}'" if pretrained else "")
+    run_config = DEMO_RUN_CONFIG + f" seed={seed}" + (f" pretrained-path='{Path(pretrained).resolve()}'" if pretrained else "")
     report = simulate(data / "partition", rounds, out, run_config=run_config)
     print(f"({time.perf_counter() - t:.1f}s)")
 
@@ -93,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrained", default=None, help="MedicalNet resnet_10 checkpoint (default: from scratch)")
     p.add_argument("--rounds", type=int, default=DEMO["rounds"])
     p.add_argument("--subjects", type=int, default=DEMO["subjects"])
+    p.add_argument("--seed", type=int, default=DEMO["seed"], help="phantom, split, partition and run seed")
     a = p.parse_args(argv)
     try:
-        run_demo(a.out, a.pretrained, a.rounds, a.subjects)
+        run_demo(a.out, a.pretrained, a.rounds, a.subjects, a.seed)
     except FedpdError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ their names everywhere; the dataclass field is the same name with ``_`` for ``-`
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import tomllib
 from dataclasses import dataclass, fields
@@ -139,6 +140,8 @@ class RunConfig:
                 raise ConfigError(
                     f"run-config key {key!r} must be {kind.__name__} ({help_}), got {type(value).__name__} {value!r}"
                 )
+            if kind is float and not math.isfinite(value):
+                raise ConfigError(f"run-config key {key!r} = {value!r} is not a finite number ({help_}); give a finite value")
             problem = check(value) if check else None
             if problem:
                 raise ConfigError(f"run-config key {key!r} = {value!r} {problem}")

@@ -4,7 +4,7 @@ Every message names the file, key or row at fault and says what to do about it. 
 these without a traceback; anything else is a bug and keeps its traceback.
 """
 
-__all__ = ["FedpdError", "ConfigError", "CheckpointError", "DataError"]
+__all__ = ["FedpdError", "ConfigError", "CheckpointError", "DataError", "RunFailedError"]
 
 
 class FedpdError(Exception):
@@ -21,3 +21,7 @@ class CheckpointError(FedpdError, ValueError):
 
 class DataError(FedpdError, ValueError):
     """An input table or image is missing, malformed or inconsistent."""
+
+
+class RunFailedError(FedpdError, RuntimeError):
+    """A run trained nothing (no site update was aggregated): there is no model to report on."""

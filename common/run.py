@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, DataError
 
 __all__ = ["RunDir", "CHECKPOINT_FORMAT", "select_round", "SELECTION_RULE", "git_commit", "GIT_COMMIT_ENV", "atomic_write_text", "atomic_write_bytes"]
 
@@ -106,8 +106,20 @@ class RunDir:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise PermissionError(f"{self.root}: cannot write the run folder ({exc.strerror}); set out-dir to a writable absolute path") from exc
+            raise DataError(f"{self.root}: cannot write the run folder ({exc.strerror or exc}); set out-dir (--out) to a "
+                            "writable folder") from exc
         return self
+
+    def existing_run(self) -> str | None:
+        """What in this folder shows an earlier run (checkpoints, rounds.jsonl, report.json), or ``None``."""
+        found = []
+        saved = self.saved_rounds() if self.checkpoints.is_dir() else []
+        if saved:
+            found.append(f"checkpoints of round(s) {saved[0]}..{saved[-1]}" if len(saved) > 1 else f"the checkpoint of round {saved[0]}")
+        for name in ("rounds.jsonl", "report.json", "model.pt"):
+            if (self.root / name).is_file():
+                found.append(name)
+        return ", ".join(found) or None
 
     def checkpoint_path(self, round_: int) -> Path:
         return self.checkpoints / f"round-{round_}.pt"

@@ -11,11 +11,12 @@ import warnings
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from logging import INFO
+from logging import ERROR, INFO
 
 from common import keys
 from common.config import RunConfig
 from common.device import runtime
+from common.errors import RunFailedError
 from common.evaluation import evaluate_rows, finalize_run
 from common.metrics import MetricUndefinedWarning, binary_metrics
 from server.setup import ServerSetup, prepare
@@ -41,7 +42,8 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
         "sites": sites,
         "site_eval": strategy.eval_sites.get(g, {}),
         "missing_sites": strategy.missing_sites(g),
-        "failures": strategy.failed.get(g, []),
+        # a site that fails before it ever answered is known by node id only; name it once a later reply did
+        "failures": [f | {"site": strategy.node_sites.get(f.get("node"), f["site"])} for f in strategy.failed.get(g, [])],
         "rejected": strategy.rejected.get(g, []),
         "val": metrics,
         "wall_seconds": time.time() - strategy.round_started.get(g, time.time()),
@@ -87,6 +89,44 @@ def _participation(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+FAILURE_FILE = "failure.json"
+
+
+def _reason_text(reason) -> str:
+    """The site's own words from a Flower error reason ("Exception ClientAppException occurred. Message: ...")."""
+    text = str(reason or "?").strip()
+    if "Message: " in text:
+        text = text.split("Message: ", 1)[1]
+    return text.rstrip("'>").strip().splitlines()[-1] if text.strip() else "?"
+
+
+def _require_training(setup: ServerSetup, records: list[dict]) -> None:
+    """Stop before any test metric when no round aggregated a site update: the model is the untrained one.
+
+    Writes ``failure.json`` (per round: the sites asked and why each sent nothing usable) beside the
+    checkpoints, so ``fedpd simulate`` can show the sites' reasons, and raises :class:`RunFailedError`.
+    """
+    if any(rec.get("sites") for rec in records):
+        return
+    reasons = []
+    for rec in records:
+        for f in rec.get("failures", []):
+            reasons.append({"round": rec["round"], "site": f.get("site"), "phase": f.get("phase", "train"), "reason": f.get("reason")})
+        for r in rec.get("rejected", []):
+            reasons.append({"round": rec["round"], "site": r.get("site"), "phase": r.get("phase"), "reason": "rejected: " + str(r.get("reason"))})
+        for site in rec.get("missing_sites", []):
+            if not any(x["site"] == site and x["round"] == rec["round"] for x in reasons):
+                reasons.append({"round": rec["round"], "site": site, "phase": "train", "reason": "no reply before round-timeout"})
+    lines = [f"  round {x['round']}, site {x['site']} ({x['phase']}): {_reason_text(x['reason'])}" for x in reasons[:30]]
+    message = (f"no site update was aggregated in any of the {len(records)} round(s): the global model is the untrained "
+               "initial model, so no test metric is reported. The sites' reasons:\n" + ("\n".join(lines) or "  (none recorded)")
+               + "\nFix the cause (e.g. a lower lr when the loss went NaN) and start a new run.")
+    setup.run.write_json(FAILURE_FILE, {"error": "no site update aggregated", "rounds": len(records), "reasons": reasons,
+                                        "message": message})
+    log(ERROR, "fedpd: %s", message)
+    raise RunFailedError(message)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federated rounds that are left, then select, test once and write the report."""
@@ -112,6 +152,7 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=evaluate_fn,
         )
     records = setup.run.read_rounds()
+    _require_training(setup, records)
     report = finalize_run(setup.run, cfg, setup.rt, setup.val_rows, setup.test_rows, setup.cache_dir,
                           extra={"data": setup.data_info | {"site_train_counts": _site_counts(records)},
                                  "participation": _participation(records),

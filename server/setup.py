@@ -12,10 +12,12 @@ import torch
 
 from common.config import RunConfig
 from common.device import Runtime
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.evaluation import make_model
 from common.manifest import read_manifest
+from common.preflight import check_run_dir
 from common.run import RunDir
+from common.scans import check_scans, format_problems
 from common.splits import split_audit
 from common.train import load_state_numpy
 
@@ -62,7 +64,11 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
     for name, part in (("val", val_rows), ("test", test_rows)):
         if part.empty:
             raise ConfigError(f"{manifest_path}: no '{name}' rows; the server needs val and test rows (fedpd split, then fedpd partition)")
-    run = RunDir(out).prepare()
+    run = check_run_dir(out, cfg.resume)  # also refused before Flower starts by fedpd simulate's preflight
+    # the scans this server reads (val + test), with the same content-keyed cache as the preflight
+    scan_problems = check_scans(rows, cache_file=out / "cache" / "server" / "scan-check.json")
+    if scan_problems:
+        raise DataError(f"{manifest_path}: " + format_problems(scan_problems, total=len(rows)))
     model_args = {"depth": cfg.model_depth, "num_classes": 2, "dropout": cfg.dropout}
     saved = run.saved_rounds()
     start_round = 0
@@ -78,8 +84,6 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
     elif cfg.resume and run.rounds_file.exists():
         raise ConfigError(f"{out}: resume=true but there is no checkpoint to resume from (only {run.rounds_file.name}); "
                           "delete that file to start over, or choose a new out-dir")
-    elif saved or run.rounds_file.exists():
-        raise ConfigError(f"{out} already holds a run (rounds {saved}); pass resume=true to continue it, or choose a new out-dir")
     else:
         model = make_model(cfg, pretrained=True)
     run.write_json("config.json", cfg.to_dict())

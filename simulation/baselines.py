@@ -32,6 +32,7 @@ from common.device import Runtime, runtime
 from common.errors import ConfigError, DataError
 from common.evaluation import evaluate_rows, finalize_run, make_model, train_loader
 from common.manifest import read_manifest, write_manifest
+from common.preflight import preflight_partition
 from common.metrics import MetricUndefinedWarning, binary_metrics
 from common.run import RunDir
 from common.splits import split_audit
@@ -116,8 +117,12 @@ def run_baseline(mode: str, partition, out, run_config: str = "", echo: bool = T
     if mode not in MODES:
         raise ConfigError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     partition, out = Path(partition).resolve(), Path(out).resolve()
-    sites, server, info = _load_partition(partition)
     cfg = _config(run_config, out, partition)
+    if mode != "scratch":  # scratch is a federated run: fedpd simulate runs the same preflight
+        checked = preflight_partition(partition, cfg, out, progress=echo, check_run=mode == "centralized", federated=False)
+        if echo:
+            print(checked.summary(), flush=True)
+    sites, server, info = _load_partition(partition)
     if mode == "scratch":
         if not cfg.pretrained_path:
             raise ConfigError("--mode scratch is the federated run from random initialisation, set beside a pretrained "

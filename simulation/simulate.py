@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 
 from common.config import RunConfig, parse_overrides
 from common.errors import ConfigError, FedpdError
+from common.preflight import preflight_partition
 from simulation.flower import flwr_run, start_superlink, stop, write_connections, write_run_config
 
 __all__ = ["simulate", "SimulationError"]
@@ -51,13 +54,18 @@ def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "
     server_csv = partition / "server.csv"
     if not sites or not server_csv.is_file():
         raise ConfigError(f"{partition}: expected sites/*.csv and server.csv (run fedpd partition first)")
+    if out == partition or partition in out.parents:
+        raise ConfigError(f"--out {out} is inside the partition folder {partition}; put the run folder elsewhere "
+                          "(e.g. runs/NAME)")
     overrides = parse_overrides(run_config)
     overrides.update({"partition-dir": str(partition), "server-manifest": str(server_csv), "out-dir": str(out)})
     overrides.setdefault("min-nodes", len(sites))
     if rounds is not None:
         overrides["num-server-rounds"] = int(rounds)
     cfg = RunConfig.from_mapping(overrides)  # fail here, with the list of keys, not inside Flower
-    out.mkdir(parents=True, exist_ok=True)
+    checked = preflight_partition(partition, cfg, out, progress=echo)  # every cheap-to-find error, before Flower
+    if echo:
+        print(checked.summary(), flush=True)
     home = out / ".flwr"
     cfg_file = write_run_config(home / "run-config.toml", overrides)
 
@@ -65,6 +73,7 @@ def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "
     # One site trains at a time with every core (or the GPU): no oversubscription on small machines.
     federation = (f"num-supernodes={len(sites)} client-resources-num-cpus={os.cpu_count() or 1} "
                   f"client-resources-num-gpus={1.0 if cuda else 0.0}")
+    started = time.time()
     link = start_superlink(home, simulation=True, database=home / "state.db")
     # SIGTERM (e.g. from a scheduler) must still stop the SuperLink: turn it into an exception
     in_main = threading.current_thread() is threading.main_thread()
@@ -77,8 +86,41 @@ def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "
         stop(link)
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    report = out / "report.json"
-    if code != 0 or not report.is_file():
-        raise SimulationError(f"the Flower run ended with code {code} and {'no' if not report.is_file() else 'a'} report; "
-                              f"see {out / 'flower.log'} and {link.log}")
+    return _result(out, code, started, link.log)
+
+
+def _fresh(path: Path, since: float) -> bool:
+    return path.is_file() and path.stat().st_mtime >= since - 1.0
+
+
+def _server_error(log: Path) -> str | None:
+    """The last ``SomeError: message`` line the ServerApp logged (Flower exits 0 when the ServerApp raises)."""
+    if not log.is_file():
+        return None
+    found = None
+    for line in log.read_text(errors="replace").splitlines():
+        m = _ERROR_LINE.match(line.strip())
+        if m:
+            found = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
+    return found
+
+
+_ERROR_LINE = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def _result(out: Path, code: int, started: float, link_log: Path) -> dict:
+    """The report written by *this* run, or a :class:`SimulationError` that says why there is none.
+
+    A run counts only when its ServerApp wrote ``report.json`` after the run started: ``flwr run`` exits 0
+    even when the ServerApp raised, and a resumed folder may still hold the report of an earlier attempt.
+    """
+    report, failure, log = out / "report.json", out / "failure.json", out / "flower.log"
+    if _fresh(failure, started):
+        raise SimulationError(json.loads(failure.read_text()).get("message", "the run trained nothing")
+                              + f"\n(details: {failure}, log: {log})")
+    if code != 0 or not _fresh(report, started):
+        why = _server_error(log)
+        raise SimulationError(f"the run failed{': ' + why if why else ''} (flwr run exit code {code}, "
+                              f"{'no new' if not _fresh(report, started) else 'a'} report.json); nothing was reported. "
+                              f"Full log: {log} (SuperLink: {link_log})")
     return json.loads(report.read_text())

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.errors import CheckpointError
+from common.errors import CheckpointError, DataError
 from common.run import CHECKPOINT_FORMAT, RunDir, atomic_write_text, dumps, select_round
 
 
@@ -180,7 +180,7 @@ def test_write_json_and_atomic_write_text(run):
 def test_prepare_unwritable_folder_names_out_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(PermissionError, match="out-dir"):
+    with pytest.raises(DataError, match="out-dir"):
         RunDir(blocker / "run").prepare()
 
 

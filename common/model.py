@@ -246,7 +246,25 @@ def _read_state_dict(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
     seg = [k for k in sd if k.startswith("conv_seg.")]
     if seg:
         log.info("%s: ignoring %d segmentation-head tensors (conv_seg.*)", path, len(seg))
-    return path, {k: v for k, v in sd.items() if not k.startswith("conv_seg.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("conv_seg.")}
+    bad = nonfinite_tensors(sd)
+    if bad:
+        total = sum(bad.values())
+        raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold {total:,} NaN/Inf value(s): "
+                              f"{_short(f'{k} ({n:,})' for k, n in bad.items())}; the file is corrupt. "
+                              f"Fix: re-download the checkpoint (MedicalNet files from github.com/Tencent/MedicalNet)")
+    return path, sd
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``{key: number of NaN/Inf values}`` for every floating-point tensor of ``state`` that holds any."""
+    bad = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            n = int((~torch.isfinite(v)).sum())
+            if n:
+                bad[k] = n
+    return bad
 
 
 class _Arch(NamedTuple):

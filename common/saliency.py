@@ -55,6 +55,7 @@ __all__ = ["saliency_map", "overlay_png", "preprocess_scan", "head_mask", "TARGE
            "BACKGROUNDS", "TEMPLATE_NOTE"]
 
 TARGET_LAYER = "backbone.layer4"  # Med3D's last feature map (MedicalNet layer4)
+PNG_SOFTWARE = "fedpd saliency overlay"  # the PNG "Software" text chunk of every overlay_png figure
 FEATURE_STRIDE = 8  # input voxels per layer4 voxel along each axis (conv1, max-pool and layer2 stride 2)
 BACKGROUNDS = ("template", "scan")
 TEMPLATE_NOTE = ("Background: MNI152 template (nilearn). The map is placed by the scan's world (scanner) "
@@ -272,7 +273,9 @@ def overlay_png(image, saliency: np.ndarray, out_png: str | Path, title: str = "
     if text:
         fig.text(0.01, 0.02, text, color="white", fontsize=7, va="bottom", ha="left")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, facecolor="black")
+    # The PNG's "Software" text chunk marks it as a fedpd overlay: `fedpd predict --saliency` overwrites an
+    # existing file only when it carries this mark (simulation.predict.is_fedpd_png), never another file.
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="black", metadata={"Software": PNG_SOFTWARE})
     out = Path(out_png)
     atomic_write_bytes(out, buf.getvalue())
     return out

@@ -6,12 +6,20 @@ For a round checkpoint the threshold comes from the run's ``report.json`` (two f
 one, else 0.5, and the output says that no validated threshold was stored. The scan goes through the
 very pipeline the model was trained with (input-shape and spacing from the checkpoint's run-config), so
 the same bad-scan errors apply (:class:`~common.errors.DataError`, exit code 2 on the command line).
+
+Before any work, the inputs are checked: the saliency path (:func:`check_saliency_path`: never the scan,
+the checkpoint or any existing file that is not an earlier fedpd overlay; a missing folder is created, a
+folder blocked by a file or an unwritable one is refused), the scan (:func:`common.scans.scan_problem`: a
+scout or a constant image cannot be a whole-head T1) and the weights (no NaN/Inf).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +28,14 @@ import torch
 from common.config import RunConfig
 from common.device import Runtime, runtime
 from common.errors import CheckpointError, ConfigError, DataError
-from common.model import build_med3d
+from common.model import build_med3d, nonfinite_tensors
 from common.run import RunDir
-from common.saliency import FEATURE_STRIDE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
+from common.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
+from common.scans import scan_problem
 from common.train import load_state_numpy
 
-__all__ = ["Predictor", "load_predictor", "predict_scan", "format_result", "DEFAULT_THRESHOLD", "CLASS_NAMES"]
+__all__ = ["Predictor", "load_predictor", "predict_scan", "format_result", "check_saliency_path", "is_fedpd_png",
+           "DEFAULT_THRESHOLD", "CLASS_NAMES"]
 
 DEFAULT_THRESHOLD = 0.5
 _PIPELINE_KEYS = ("input-shape", "spacing", "model-depth")  # must come from the checkpoint, never from defaults
@@ -48,6 +58,95 @@ class Predictor:
     round: int | None
     selected_round: int | None
     notes: tuple[str, ...]
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_SALIENCY_FIX = "choose another --saliency path (a new .png file, or one an earlier fedpd predict wrote)"
+
+
+def is_fedpd_png(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG that fedpd wrote: its ``Software`` text chunk is :data:`PNG_SOFTWARE`.
+
+    Reads the chunk headers up to the image data only (a few hundred bytes for fedpd's figures).
+    """
+    want = PNG_SOFTWARE.encode("latin-1")
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != _PNG_MAGIC:
+                return False
+            for _ in range(64):  # text chunks come before the image data
+                head = fh.read(8)
+                if len(head) < 8:
+                    return False
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                    return False
+                if kind == b"tEXt":
+                    key, _, value = fh.read(length).partition(b"\0")
+                    if key == b"Software" and value == want:
+                        return True
+                    fh.seek(4, os.SEEK_CUR)  # CRC
+                else:
+                    fh.seek(length + 4, os.SEEK_CUR)
+    except OSError:
+        return False
+    return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, bind mounts
+    except OSError:
+        return False
+
+
+def check_saliency_path(out: str | Path, scan: str | Path, checkpoint: str | Path) -> Path:
+    """Refuse a ``--saliency`` path that would overwrite an input or a file fedpd did not write.
+
+    Allowed: a new ``.png`` file (missing folders are created when it is written), or an existing PNG
+    that fedpd wrote (:func:`is_fedpd_png`), which is replaced. Paths are compared after resolving
+    ``~``, relative parts and symbolic links.
+
+    Returns:
+        ``out`` as given (expanded ``~``).
+
+    Raises:
+        DataError: ``out`` is the scan or the checkpoint, an existing folder or other file, does not end
+            in ``.png``, or lies under a file or in a folder that cannot be written.
+    """
+    given = Path(out).expanduser()
+    target = given.resolve()
+    for role, other in (("scan", scan), ("checkpoint", checkpoint)):
+        if _same_file(target, Path(other).expanduser().resolve()):
+            raise DataError(f"{given}: is the {role} given to predict ({other}); writing the figure there would "
+                            f"destroy it: {_SALIENCY_FIX}")
+    if target.is_dir():
+        raise DataError(f"{given}: is a folder; {_SALIENCY_FIX}")
+    if os.path.lexists(target) or os.path.lexists(given):
+        if not target.is_file():
+            raise DataError(f"{given}: exists and is not a regular file; {_SALIENCY_FIX}")
+        if not is_fedpd_png(target):
+            raise DataError(f"{given}: already exists and is not a saliency figure fedpd wrote, so fedpd will not "
+                            f"overwrite it; {_SALIENCY_FIX}, or move the file away")
+    if given.suffix.lower() != ".png":
+        raise DataError(f"{given}: the saliency figure is a PNG image; give a file name ending in .png")
+    # The nearest folder that exists must be a folder we can write in; missing ones below it are created.
+    parent = target.parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(f"{given}: {parent} is a file, not a folder, so the figure cannot be written under it; "
+                        f"{_SALIENCY_FIX}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".fedpd-write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DataError(f"{given}: cannot write in {parent} ({exc.strerror or exc}); {_SALIENCY_FIX} in a folder "
+                        "you can write") from None
+    return given
 
 
 def _threshold(value, where: Path) -> float:
@@ -118,6 +217,12 @@ def load_predictor(checkpoint: str | Path) -> Predictor:
     except ConfigError as exc:
         raise CheckpointError(f"{path}: its stored run-config is not valid for this fedpd version ({exc}); predict "
                               "with the fedpd version that trained it") from exc
+    bad = nonfinite_tensors({str(k): v for k, v in ckpt["state_dict"].items()})
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN/Inf values: "
+                              f"{', '.join(f'{k} ({n:,})' for k, n in list(bad.items())[:10])}"
+                              f"{', ...' if len(bad) > 10 else ''}; the training diverged or the file is corrupt: "
+                              "use another round's checkpoint or re-run the training")
     args = ckpt.get("model") or {}
     try:
         model = build_med3d(depth=int(args.get("depth", cfg.model_depth)), num_classes=int(args.get("num_classes", 2)),
@@ -159,17 +264,24 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
 
     Raises:
         CheckpointError: a bad checkpoint (see :func:`load_predictor`).
-        DataError: the scan is missing, a folder, not NIfTI, 4D, has NaN/Inf, is empty, ... (names the file).
+        DataError: the scan is missing, a folder, not NIfTI, 4D, a scout, constant, has NaN/Inf, is empty, ...
+            (names the file); or ``saliency_png`` is refused (see :func:`check_saliency_path`). All are raised
+            before the model runs.
     """
     if background not in ("auto", "template", "scan"):
         raise ValueError(f"background {background!r} must be one of auto, template, scan")
-    pred = load_predictor(checkpoint)
     scan_path = Path(scan).expanduser().absolute()
+    if saliency_png is not None:
+        saliency_png = check_saliency_path(saliency_png, scan_path, checkpoint)
     if scan_path.is_dir():
         raise DataError(f"{scan_path}: is a folder; give one NIfTI file (.nii or .nii.gz). A DICOM series is "
                         "converted by fedpd ingest, or by dcm2niix")
     if not scan_path.exists():
         raise DataError(f"{scan_path}: scan file not found; check the path")
+    pred = load_predictor(checkpoint)
+    problem = scan_problem(scan_path)  # the one scan check: a scout or a constant image is no whole-head T1
+    if problem:
+        raise DataError(f"{scan_path}: {problem}")
     image = preprocess_scan(scan_path, pred.cfg.input_size, pred.cfg.spacing_mm)
     rt = rt or runtime(amp=False)
     x = image.as_tensor()[None].to(rt.device)
@@ -208,10 +320,25 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
                    f"{explains}; model trained on {pred.source} data. "
                    + (_PHANTOM_NOTE if "phantom" in pred.source else _RESEARCH_NOTE))
         title = f"{scan_path.name}: P(PD) = {prob:.3f}, decision {explains} (threshold {pred.threshold:.3f})"
-        png = overlay_png(image, sal, saliency_png, title=title, background=bg, caption=caption)
+        try:
+            png = overlay_png(image, sal, saliency_png, title=title, background=bg, caption=caption)
+        except OSError as exc:  # checked before the run, but the disk can fill or the folder vanish meanwhile
+            if not _about(exc, Path(saliency_png)):
+                raise
+            raise DataError(f"{saliency_png}: the figure could not be written ({exc.strerror or exc}); "
+                            f"{_SALIENCY_FIX} in a folder you can write") from None
         result["saliency"] = {"png": str(Path(png).absolute()), "method": "Grad-CAM", "layer": TARGET_LAYER,
                               "explains": explains, "background": bg, "empty": not bool(sal.any())}
     return result
+
+
+def _about(exc: OSError, out: Path) -> bool:
+    """Whether an OSError concerns writing ``out`` (its folder chain or the temporary file beside it)."""
+    if not exc.filename:  # a write that failed midway: disk full, quota, read-only file system
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+    failed = Path(exc.filename).absolute()
+    out = out.absolute()
+    return failed == out or failed.parent == out.parent or failed in out.parents
 
 
 def format_result(result: dict) -> str:

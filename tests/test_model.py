@@ -266,6 +266,25 @@ def test_missing_path_text_file_and_tensorless_dict(tmp_path):
         build_med3d(10, pretrained=pickled)
 
 
+def test_nan_and_inf_weights_are_refused_naming_the_tensors(tmp_path, r10_state):
+    state = {k: v.clone() for k, v in r10_state.items()}
+    state["conv1.weight"].view(-1)[:3] = float("nan")
+    state["layer2.0.bn1.running_var"][0] = float("inf")
+    state["layer4.0.conv2.weight"].view(-1)[5] = float("-inf")
+    path = write_official(state, tmp_path / "resnet_10_23dataset.pth")
+    words = (r"resnet_10_23dataset\.pth: 3 tensor\(s\) hold 5 NaN/Inf value\(s\): conv1\.weight \(3\), "
+             r"layer2\.0\.bn1\.running_var \(1\), layer4\.0\.conv2\.weight \(1\); the file is corrupt\. "
+             r"Fix: re-download the checkpoint")
+    with pytest.raises(CheckpointError, match=words):
+        build_med3d(10, pretrained=path)  # the strict loader behind pretrained-path
+    with pytest.raises(CheckpointError, match=words):
+        load_medicalnet_weights(build_med3d(10).backbone, path)
+    with pytest.raises(CheckpointError, match=words):
+        check_checkpoint(path)
+    seg = {**r10_state, "conv_seg.0.weight": torch.full((2, 2), float("nan"))}  # ignored, so not checked
+    assert check_checkpoint(write_official(seg, tmp_path / "seg.pth")).endswith("OK: loads exactly into Med3D depth 10")
+
+
 # ------------------------------------------------------------------------------------------ check / CLI
 
 

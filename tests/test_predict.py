@@ -139,12 +139,18 @@ def _bad_scan(kind: str, folder: Path) -> Path:
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), affine), str(path))
     elif kind == "2d":
         nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), affine), str(path))
+    elif kind == "scout":  # a 3-slice localiser
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).uniform(1, 100, (32, 32, 3)).astype(np.float32), affine),
+                 str(path))
+    elif kind == "constant":
+        nib.save(nib.Nifti1Image(np.full((16, 16, 16), 100.0, np.float32), affine), str(path))
     return path
 
 
 @pytest.mark.parametrize("kind, words", [
     ("missing", "not found"), ("folder", "is a folder"), ("not-nifti", "cannot be read as NIfTI"),
     ("4d", "4D with 2 volumes"), ("nan", "NaN/Inf"), ("empty", "no voxel > 0"), ("2d", "dimensions"),
+    ("scout", "only 3 voxel.* scout"), ("constant", "constant image"),
 ])
 def test_bad_scans_raise_data_error_naming_the_file(setup, tmp_path, kind, words):
     scan = _bad_scan(kind, tmp_path)
@@ -157,6 +163,8 @@ def test_bad_scans_raise_data_error_naming_the_file(setup, tmp_path, kind, words
     ("missing", "no such checkpoint"), ("nifti", "not a readable fedpd checkpoint"),
     ("depth", "do not fit Med3D"), ("threshold", "not a probability"), ("config", "stored run-config is not valid"),
     ("no-shape", "stored run-config lacks input-shape"),
+    ("nan-weights", r"2 weight tensor\(s\) hold NaN/Inf values: backbone\.conv1\.weight \(4\), head\.fc\.bias \(1\); .*"
+                    "use another round's checkpoint or re-run the training"),
 ])
 def test_bad_checkpoints_raise_checkpoint_error_naming_the_file(setup, tmp_path, kind, words):
     path = tmp_path / "model.pt"
@@ -171,6 +179,12 @@ def test_bad_checkpoints_raise_checkpoint_error_naming_the_file(setup, tmp_path,
     elif kind == "no-shape":  # must never be filled in from today's defaults
         config = {k: v for k, v in CFG.items() if k != "input-shape"}
         torch.save(RunDir.load_checkpoint(setup["ckpt"]) | {"config": config}, path)
+    elif kind == "nan-weights":  # a diverged round: refused before the model runs
+        ckpt = RunDir.load_checkpoint(setup["ckpt"])
+        sd = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+        sd["backbone.conv1.weight"].view(-1)[:4] = float("nan")
+        sd["head.fc.bias"][1] = float("inf")
+        torch.save(ckpt | {"state_dict": sd}, path)
     with pytest.raises(CheckpointError, match=words) as err:
         predict_scan(path, setup["scan"])
     assert str(path) in str(err.value)

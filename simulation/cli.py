@@ -30,7 +30,7 @@ def _phantom(a):
 def _ingest(a):
     from common.ingest import ingest
 
-    ingest(a.download, csv=a.csv, sites_csv=a.sites_csv, out=a.out, nifti_cache=a.nifti_cache)
+    ingest(a.download, csv=a.csv, sites_csv=a.sites_csv, out=a.out, nifti_cache=a.nifti_cache, force=a.force)
 
 
 def _split(a):
@@ -50,7 +50,12 @@ def _simulate(a):
 
     partition = a.partition
     if a.holdout_site:
+        from common.config import parse_overrides
+        from common.preflight import check_run_dir
         from simulation.baselines import holdout_partition
+
+        # refuse an earlier run before the held-out partition is written into its folder
+        check_run_dir(Path(a.out).resolve(), parse_overrides(a.run_config).get("resume") is True)
 
         partition = holdout_partition(a.partition, a.holdout_site, Path(a.out).resolve() / "holdout-partition")
     report = simulate(partition, a.rounds, a.out, run_config=a.run_config)
@@ -91,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("check-checkpoint", help="check a MedicalNet checkpoint loads exactly into Med3D")
+    s = sub.add_parser("check-checkpoint", help="check a MedicalNet checkpoint loads exactly into Med3D "
+                                                "(every key and shape, and no NaN/Inf values)")
     s.add_argument("path", type=Path)
     s.add_argument("--depth", type=int, default=None, help="expected depth (default: guessed from the keys)")
     s.set_defaults(func=_check_checkpoint)
@@ -110,9 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("download", type=Path, help="folder that holds the PPMI/ image tree")
     s.add_argument("--csv", type=Path, required=True, help="IDA search-results CSV")
     s.add_argument("--sites-csv", type=Path, default=None, help="subject -> centre table (PATNO,CNO)")
-    s.add_argument("--out", type=Path, required=True, help="manifest.csv to write")
+    s.add_argument("--out", type=Path, required=True,
+                   help="manifest.csv to write: a new file (never the --csv or --sites-csv file)")
     s.add_argument("--nifti-cache", type=Path, default=None,
-                   help="where DICOM series are converted to NIfTI (default: <out folder>/nifti)")
+                   help="where DICOM series are converted to NIfTI; also holds the scan-check cache "
+                        ".scan-check.json (default: <out folder>/nifti)")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing --out manifest; the old file is kept beside it as "
+                        "<out>.bak-<YYYYmmdd-HHMMSS>")
     s.set_defaults(func=_ingest)
 
     s = sub.add_parser("split", help="subject-level train/val/test split, stratified by label and site")
@@ -154,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="PD probability of one scan from a trained run (research use only)")
     s.add_argument("checkpoint", type=Path, help="a run's model.pt (or checkpoints/round-<k>.pt)")
     s.add_argument("scan", type=Path, help="one 3D T1 NIfTI file")
-    s.add_argument("--saliency", type=Path, default=None, metavar="OUT.png", help="write a Grad-CAM overlay here")
+    s.add_argument("--saliency", type=Path, default=None, metavar="OUT.png",
+                   help="write a Grad-CAM overlay here: a new .png file (missing folders are created) or one an "
+                        "earlier fedpd predict wrote; the scan, the checkpoint and any other existing file are "
+                        "refused, never overwritten")
     s.add_argument("--background", choices=("auto", "template", "scan"), default="auto",
                    help="overlay background: MNI152 template, the scan, or auto (template for phantom models)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")

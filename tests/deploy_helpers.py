@@ -20,10 +20,25 @@ from common.splits import partition_manifest, split_manifest
 from simulation.flower import Proc, _tree, start_supernode
 from simulation.phantom import generate_phantom
 
-__all__ = ["SMALL", "make_cohort", "rounds", "site_names", "start_sites", "clientapps", "cmdline", "kill_tree",
-           "wait_until", "strict_json", "audit_lines", "forbidden_strings", "record_strings"]
+__all__ = ["SMALL", "RUN_LIMIT", "PROCESS_LIMIT", "ROUND_FACTOR", "make_cohort", "rounds", "slowest_round", "round_limit",
+           "site_names", "start_sites", "clientapps", "cmdline", "kill_tree", "wait_until", "strict_json", "audit_lines",
+           "forbidden_strings", "record_strings"]
 
 SMALL = {"input-shape": "16,16,16", "spacing": "12.0,12.0,12.0", "batch-size": 4}
+
+# Limits of the waits on real Flower processes. No test sleeps a fixed time: every wait polls for its event
+# and returns as soon as it happens, so a generous limit costs a healthy run nothing and only bounds how long
+# a broken one hangs. A wait that spans federated rounds is a multiple of a round measured in the same run
+# (``round_limit``), never below the floor the caller gives; before any round has finished, ``RUN_LIMIT``.
+#
+# A whole 1-round deployment (flwr run start-up, the server's scan check and round-0 evaluation, round 1,
+# the report): about 1-2 minutes at 16^3 on a busy 2-core machine (a round took 66 s at load 7).
+RUN_LIMIT = 900.0
+# Work that does not depend on round length: a process to go after SIGKILL or after losing its SuperLink,
+# a one-shot flwr CLI call (seconds).
+PROCESS_LIMIT = 120.0
+# A later round (or the report) may take this many times the slowest round measured so far.
+ROUND_FACTOR = 4.0
 
 
 def make_cohort(root: Path) -> Path:
@@ -40,6 +55,18 @@ def rounds(out: Path) -> list[dict]:
     """The records of ``rounds.jsonl`` so far."""
     f = out / "rounds.jsonl"
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
+def slowest_round(out: Path) -> float:
+    """The longest ``wall_seconds`` (train, evaluate, server evaluation, checkpoint) in ``rounds.jsonl`` so far."""
+    walls = [r["wall_seconds"] for r in rounds(out)]
+    assert walls, f"no round recorded in {out} yet: nothing to measure"
+    return max(walls)
+
+
+def round_limit(measured: float, *, rounds: float = 1.0, floor: float) -> float:
+    """A limit for ``rounds`` more rounds when one took ``measured`` seconds: ROUND_FACTOR times that, at least ``floor``."""
+    return max(floor, ROUND_FACTOR * rounds * measured)
 
 
 def site_names(partition: Path) -> list[str]:
@@ -87,7 +114,7 @@ def kill_tree(proc: Proc) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    proc.popen.wait(timeout=10)
+    proc.popen.wait(timeout=PROCESS_LIMIT)
 
 
 def wait_until(condition, what: str, timeout: float, watch=()) -> None:

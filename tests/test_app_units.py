@@ -354,7 +354,7 @@ def test_prepare_refuses_existing_run_without_resume(server_csv, tmp_path, med3d
     _finished_rounds(out, cfg, med3d_state)
     with pytest.raises(ConfigError, match="already holds a run") as exc:
         prepare(cfg, CPU)
-    assert "resume=true" in str(exc.value) and "[1, 2]" in str(exc.value)
+    assert "resume=true" in str(exc.value) and "round(s) 1..2" in str(exc.value)
     assert [r["round"] for r in RunDir(out).read_rounds()] == [1, 2, 3]  # nothing was touched
 
 

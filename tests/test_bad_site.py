@@ -20,9 +20,9 @@ from common.run import RunDir
 from simulation.flower import APP_DIR, flwr_run, start_superlink, stop, write_connections, write_run_config
 
 try:
-    from deploy_helpers import SMALL, make_cohort, rounds, site_names, start_sites
+    from deploy_helpers import RUN_LIMIT, SMALL, make_cohort, rounds, site_names, start_sites
 except ImportError:  # run as a package
-    from tests.deploy_helpers import SMALL, make_cohort, rounds, site_names, start_sites
+    from tests.deploy_helpers import RUN_LIMIT, SMALL, make_cohort, rounds, site_names, start_sites
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,9 @@ def test_bad_site_update_is_rejected_and_the_rest_aggregated(partition, tmp_path
         write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
         cfg = write_run_config(tmp_path / "rc.toml", SMALL | {
             "num-server-rounds": 1, "min-nodes": 3, "server-manifest": str(partition / "server.csv"), "out-dir": str(out)})
-        code = flwr_run(home, "deploy", run_config=cfg, log=tmp_path / "flwr-run.log", timeout=400,
+        # one round and nothing measured before it: a generous overall limit (flwr run returns when the run ends);
+        # the app's round-timeout (3600 s) never fires, as every site replies
+        code = flwr_run(home, "deploy", run_config=cfg, log=tmp_path / "flwr-run.log", timeout=RUN_LIMIT,
                         app=bad_app(tmp_path / "bad-app"))
         log = (tmp_path / "flwr-run.log").read_text()
         assert code == 0, log[-3000:]

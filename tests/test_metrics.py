@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 import warnings
 
 import numpy as np
@@ -299,12 +298,8 @@ def test_bootstrap_bad_arguments(kwargs, match):
         bootstrap_ci(**args)
 
 
-def test_bootstrap_fast_enough():
-    y, p = _toy(100)
-    groups = np.repeat(np.arange(50), 2)
-    start = time.perf_counter()
-    bootstrap_ci(y, p, groups, n_boot=1000, seed=0)
-    assert time.perf_counter() - start < 2.0
+# The bootstrap's speed is not asserted in a unit test (wall time depends on the machine and its load);
+# 1000 resamples are exercised functionally above. Timing belongs in benchmarks/.
 
 
 # --------------------------------------------------------------------------------------------------

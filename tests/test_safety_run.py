@@ -190,3 +190,24 @@ def test_a_run_in_which_every_site_fails_reports_no_auc(partition, tmp_path, cap
     assert not (out / "report.json").exists() and not (out / "model.pt").exists()
     failure = json.loads((out / "failure.json").read_text())
     assert {r["site"] for r in failure["reasons"]} == {"A", "B", "C"}
+
+
+def test_a_failed_server_app_is_never_read_as_success(tmp_path):
+    """flwr run exits 0 when the ServerApp raised: only a report.json written by this run counts."""
+    from simulation.simulate import SimulationError, _result
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"test": {"auc": {"value": 0.9}}}))  # an earlier attempt's
+    os.utime(out / "report.json", (time.time() - 3600, time.time() - 3600))
+    (out / "flower.log").write_text("Traceback (most recent call last):\n  File x\n"
+                                    "common.errors.DataError: /data/server.csv: label must be 0 or 1; fix it\n"
+                                    "ERROR :     Exit Code: 700\n")
+    with pytest.raises(SimulationError) as info:
+        _result(out, 0, time.time() - 5, tmp_path / "link.log")
+    assert "DataError: /data/server.csv: label must be 0 or 1; fix it" in str(info.value)
+    assert "no new report.json" in str(info.value) and "0.9" not in str(info.value)
+    (out / "report.json").write_text(json.dumps({"test": {"auc": {"value": 0.7}}}))  # written by this run
+    assert _result(out, 0, time.time() - 5, tmp_path / "link.log")["test"]["auc"]["value"] == 0.7
+    with pytest.raises(SimulationError, match="exit code 1"):
+        _result(out, 1, time.time() - 5, tmp_path / "link.log")

@@ -12,10 +12,21 @@ Steps, in order (DESIGN.md, "Input formats"):
    with dicom2nifti into ``<nifti_cache>/<image_id>.nii.gz``: written under a temporary name and renamed,
    so an interrupted run leaves no half file, and a re-run reuses it (cached by image id: IDA ids are
    immutable; delete the file to force a new conversion).
-5. Site per subject: the ``--sites-csv`` (``PATNO,CNO``; the CNO value kept as written), else the DICOM
-   ``InstitutionName`` of the subject's series, else ``unknown`` with a warning.
+5. Every NIfTI (given or converted) goes through :func:`common.scans.check_scans` (readable, not
+   truncated, one 3D volume of >= 8 voxels per axis, finite, some voxel > 0, not constant, usable
+   affine); results are cached by file content in ``<nifti_cache>/.scan-check.json``. A failing scan is
+   excluded with its reason, like a failed conversion.
+6. Site per subject: the ``--sites-csv`` (``PATNO,CNO``; the CNO value kept as written), else the DICOM
+   ``InstitutionName`` of the subject's series, else ``unknown`` with a warning naming the subjects.
 
-Failure policy for single scans (image folder missing, no image in it, unreadable DICOM series): the
+Nothing the user gave is overwritten (DESIGN.md, "Bad input"): ``out`` equal to the IDA CSV or the
+sites CSV, or a NIfTI cache equal to one of them, is refused before any work; an existing ``out`` is
+refused unless ``force``, and then the old file is kept beside it as ``<out>.bak-<YYYYmmdd-HHMMSS>``
+(an existing backup is never replaced). SIGTERM is turned into ``KeyboardInterrupt`` while ingest
+runs: temporary files are removed, and what was kept (cached conversions, manifest or not) is printed.
+
+Failure policy for single scans (image folder missing, no image in it, unreadable DICOM series, failed
+scan check): the
 other scans are still processed and converted, the manifest of the good rows is written, a table of
 the failed ids is printed, and then a :class:`DataError` listing them is raised, so the exit code is
 non-zero and nothing already converted is lost. Problems with the tables themselves (missing columns,
@@ -26,8 +37,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +51,7 @@ from tqdm import tqdm
 
 from common.errors import DataError
 from common.manifest import validate_manifest, write_manifest
+from common.scans import check_scans
 
 __all__ = ["PHANTOM_MARKER", "ingest", "IDA_COLUMNS", "IDA_REQUIRED", "GROUP_LABELS", "EXCLUDED_GROUPS", "UNKNOWN_SITE"]
 
@@ -49,7 +65,9 @@ GROUP_LABELS = {"pd": 1, "parkinson's disease": 1, "parkinsons disease": 1,
 EXCLUDED_GROUPS = frozenset({"prodromal", "swedd", "gencohort", "gencohort pd", "gencohort unaff", "genreg pd",
                              "genreg unaff", "phantom"})
 UNKNOWN_SITE = "unknown"
+SCAN_CHECK_CACHE = ".scan-check.json"  # in the NIfTI cache folder
 _NIFTI = (".nii", ".nii.gz")
+_SHOW = 10  # ids listed in a warning before "and N more"
 
 
 def _norm(text) -> str:
@@ -216,30 +234,140 @@ def _locate(iid: str, folders: list[Path] | None, download: Path) -> tuple[str, 
 PHANTOM_MARKER = "phantom.json"  # written by `fedpd phantom` at the top of its download folder
 
 
-def ingest(download, csv, sites_csv=None, out="manifest.csv", nifti_cache=None) -> pd.DataFrame:
+def _same(a: Path, b: Path | None) -> bool:
+    """True when two paths name one file (resolved, symlinks followed; hard links caught by samefile)."""
+    if b is None:
+        return False
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(csv: Path, sites_csv: Path | None, out: Path, cache: Path, force: bool) -> None:
+    """Refuse outputs that would overwrite what the user gave, before any work."""
+    inputs = [("--csv", csv), ("--sites-csv", sites_csv)]
+    for flag, path in inputs:
+        if _same(out, path):
+            raise DataError(f"{out}: --out is the same file as {flag} {path}; ingest never overwrites its input: "
+                            "choose another --out (a new manifest file). Nothing was converted.")
+    for flag, path in inputs + [("--out", out)]:
+        if _same(cache, path):
+            raise DataError(f"{cache}: --nifti-cache is the same path as {flag} {path}; the NIfTI cache is a folder "
+                            "for converted scans: choose another folder (default: <out folder>/nifti). Nothing was "
+                            "converted.")
+    if out.is_dir():
+        raise DataError(f"{out}: --out is a folder; pass the manifest file to write, e.g. {out / 'manifest.csv'}.")
+    if out.exists() and not force:
+        try:
+            with open(out, encoding="utf-8", errors="replace") as fh:
+                has_split = "split" in [c.strip() for c in fh.readline().split(",")]
+        except OSError:
+            has_split = False
+        note = " (with a split column, which a new ingest would drop)" if has_split else ""
+        raise DataError(f"{out}: a manifest already exists here{note}; ingest does not replace it: pass --force to "
+                        f"replace it (the old file is kept beside it as {out.name}.bak-<date-time>) or choose another "
+                        "--out. Nothing was converted.")
+
+
+def _backup(out: Path) -> Path:
+    """Keep the existing ``out`` as ``<out>.bak-<YYYYmmdd-HHMMSS>[-k]`` (a hard link, else a copy; never
+    replacing an existing backup)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 1000):
+        backup = out.with_name(f"{out.name}.bak-{stamp}" + (f"-{k}" if k > 1 else ""))
+        try:
+            try:
+                os.link(out, backup)  # atomic; FileExistsError if that backup exists
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here: copy into a new file
+                with open(out, "rb") as src, open(backup, "xb") as dst:
+                    shutil.copyfileobj(src, dst)
+            return backup
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise DataError(f"cannot keep a backup of {out} as {backup} ({exc.strerror or exc}); make "
+                            f"{out.parent} writable or choose another --out.") from exc
+    raise DataError(f"{out}: too many backups {out.name}.bak-{stamp}*; move some away or choose another --out.")
+
+
+def _temp_files(*folders: Path) -> set[Path]:
+    """Our hidden temporary files (``.<name>.<random>.tmp[.nii.gz]``) in ``folders``."""
+    return {p for f in folders if f.is_dir() for p in f.iterdir() if p.name.startswith(".") and ".tmp" in p.name}
+
+
+def _terminate_as_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt (main thread only); returns what :func:`_restore` needs."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not break the clean-up
+        raise KeyboardInterrupt
+
+    return (signal.signal(signal.SIGTERM, handler),)
+
+
+def _restore(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
+
+
+def ingest(download, csv, sites_csv=None, out="manifest.csv", nifti_cache=None, force=False) -> pd.DataFrame:
     """Build ``manifest.csv`` from a PPMI IDA download (see the module docstring for the rules).
 
     Args:
         download: folder holding the ``PPMI/`` image tree (searched recursively).
         csv: the IDA search-results CSV.
         sites_csv: optional subject -> centre table with columns ``PATNO,CNO``.
-        out: the manifest CSV to write.
-        nifti_cache: where DICOM series are converted to (default ``<folder of out>/nifti``).
+        out: the manifest CSV to write (a new file, or an existing one with ``force``).
+        nifti_cache: where DICOM series are converted to (default ``<folder of out>/nifti``); also holds
+            the scan-check cache ``.scan-check.json``.
+        force: replace an existing ``out``, keeping the old file as ``<out>.bak-<YYYYmmdd-HHMMSS>``.
 
     Returns:
         The manifest rows written (good scans only).
 
     Raises:
-        DataError: bad input tables or unwritable output (before any conversion), or, after writing the
-        manifest of the good scans, the list of scans that could not be used.
+        DataError: an output that would overwrite an input or an earlier manifest, bad input tables or
+        unwritable output (before any conversion), or, after writing the manifest of the good scans, the
+        list of scans that could not be used.
+        KeyboardInterrupt: Ctrl-C or SIGTERM; temporary files are removed and what was kept is printed.
     """
     download, csv, out = Path(download).absolute(), Path(csv).absolute(), Path(out).absolute()
     sites_csv = Path(sites_csv).absolute() if sites_csv is not None else None
     cache = Path(nifti_cache).absolute() if nifti_cache is not None else out.parent / "nifti"
+    _check_outputs(csv, sites_csv, out, cache, force)
     _check_writable(out.parent, "output")
     _check_writable(cache, "NIfTI cache")
     if not download.is_dir():
         raise DataError(f"{download}: download folder not found; pass the folder that holds the PPMI/ image tree.")
+    state = {"converted": 0, "written": False, "existed": out.exists()}
+    before = _temp_files(out.parent, cache)
+    previous = _terminate_as_interrupt()
+    try:
+        return _ingest(download, csv, sites_csv, out, cache, force, state)
+    except KeyboardInterrupt:
+        for p in _temp_files(out.parent, cache) - before:
+            p.unlink(missing_ok=True)
+        kept = sum(1 for p in cache.glob("*.nii.gz") if not p.name.startswith("."))
+        done = (f"{out} was written before the interruption" if state["written"] else
+                f"no manifest was written ({out} {'is unchanged' if state['existed'] else 'does not exist'})")
+        print(f"ingest: interrupted: {kept} converted NIfTI file(s) stay cached in {cache} ({state['converted']} "
+              f"converted by this run; a re-run reuses them); {done}; no temporary file was left.", file=sys.stderr)
+        raise
+    finally:
+        for p in _temp_files(out.parent, cache) - before:
+            p.unlink(missing_ok=True)
+        _restore(previous)
+
+
+def _ingest(download: Path, csv: Path, sites_csv: Path | None, out: Path, cache: Path, force: bool,
+            state: dict) -> pd.DataFrame:
     ida = _read_ida(csv)
     kept, excluded = _labels(ida, csv)
     site_table = _read_sites(sites_csv)
@@ -271,7 +399,6 @@ def ingest(download, csv, sites_csv=None, out="manifest.csv", nifti_cache=None) 
             reused += 1
         else:
             todo.append((iid, index[iid][0]))  # the image-id folder (the converter searches it recursively)
-    converted = 0
     for iid, folder in tqdm(todo, desc="DICOM -> NIfTI", unit="scan", disable=not todo):
         target = cache / f"{iid}.nii.gz"
         try:
@@ -280,9 +407,10 @@ def ingest(download, csv, sites_csv=None, out="manifest.csv", nifti_cache=None) 
             failed.append((iid, f"cannot convert the DICOM series in {folder} ({_why(folder, exc)}); download "
                                 "this series again or drop its row"))
             continue
-        converted += 1
+        state["converted"] += 1
         paths[iid] = target
-    print(f"ingest: DICOM series converted {converted}, reused {reused} (cache {cache})")
+    print(f"ingest: DICOM series converted {state['converted']}, reused {reused} (cache {cache})")
+    _scan_check(paths, cache, failed)
 
     failed.sort()
     rows = kept[kept["Image Data ID"].isin(list(paths))]
@@ -302,15 +430,35 @@ def ingest(download, csv, sites_csv=None, out="manifest.csv", nifti_cache=None) 
         raise DataError(f"{csv}: no usable PD/control scan ({len(failed)} failed, see the table above); nothing "
                         f"written to {out}.")
     validate_manifest(df, csv)
+    backup = _backup(out) if force and out.is_file() else None
     write_manifest(df, out)
+    state["written"] = True
+    if backup is not None:
+        print(f"ingest: replaced {out} (--force); the previous file is kept as {backup} (a split column it had is "
+              "not carried over: run fedpd split again)")
     _summary(df, out)
     if failed:
         _report_failures(failed)
         ids = ", ".join(i for i, _ in failed[:20]) + (f" and {len(failed) - 20} more" if len(failed) > 20 else "")
         raise DataError(f"{len(failed)} scan(s) could not be ingested: {ids} (reasons in the table above). "
                         f"{out} holds the {len(df)} good scans and converted series stay cached in {cache}; fix or "
-                        "drop the failed rows in the CSV and re-run (nothing is converted twice).")
+                        "drop the failed rows in the CSV and re-run with --force (nothing is converted twice).")
     return df
+
+
+def _scan_check(paths: dict[str, Path], cache: Path, failed: list[tuple[str, str]]) -> None:
+    """Run the scan check on every NIfTI; move failures from ``paths`` into ``failed`` with the reason."""
+    if not paths:
+        return
+    problems = check_scans([{"image_id": i, "path": str(p)} for i, p in paths.items()],
+                           cache_file=cache / SCAN_CHECK_CACHE, progress=True, desc="scan check")
+    for p in problems:
+        converted = Path(p.path).parent == cache
+        failed.append((p.image_id, f"{p.path}: {p.problem}" + ("; it was converted from DICOM: delete it to "
+                                                               "convert the series again" if converted else "")))
+        del paths[p.image_id]
+    print(f"ingest: scan check: {len(paths)} of {len(paths) + len(problems)} scan(s) usable "
+          f"(results cached in {cache / SCAN_CHECK_CACHE})")
 
 
 def _col(rows: pd.DataFrame, name: str):
@@ -333,8 +481,11 @@ def _subject_sites(subjects: pd.Series, table: dict[str, str], institutions: dic
         source[src] += 1
     print("ingest: site from " + ", ".join(f"{k}: {v} subject(s)" for k, v in sorted(source.items())))
     if source[UNKNOWN_SITE]:
+        unknown = [s for s in sorted(sites) if sites[s] == UNKNOWN_SITE]
+        names = ", ".join(unknown[:_SHOW]) + (f" and {len(unknown) - _SHOW} more" if len(unknown) > _SHOW else "")
         print(f"ingest: warning: {source[UNKNOWN_SITE]} subject(s) have site {UNKNOWN_SITE!r} (not in --sites-csv "
-              "and no DICOM InstitutionName); pass --sites-csv with PPMI's centre list to fix it", file=sys.stderr)
+              f"and no DICOM InstitutionName): {names}; pass --sites-csv with PPMI's centre list (PATNO,CNO) "
+              "listing them to fix it", file=sys.stderr)
     return sites
 
 

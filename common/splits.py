@@ -13,6 +13,10 @@ Partition: sites get the train+val rows of whole subjects, ``server.csv`` gets a
 Schemes: ``natural`` (the manifest's ``site``), ``iid`` (subjects dealt round-robin over K virtual sites
 within each split x label group) and ``dirichlet`` (per-class Dirichlet(alpha) site shares, whole
 subjects, every site at least one train subject).
+
+Bad input: ``split`` refuses a manifest with only one class (PD-vs-control needs both); ``partition``
+refuses an ``out`` folder that holds the input manifest (it writes ``server.csv``, ``sites/*.csv`` and
+``partition.json`` there) and warns about every site whose train rows hold one class only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +126,7 @@ def split_manifest(manifest, val: float = 0.15, test: float = 0.15, seed: int = 
         raise DataError(f"--seed {seed!r} must be an integer >= 0.")
     df, path = _load(manifest, require_split=False)
     source = path or _IN_MEMORY
+    _require_both_classes(df, source)
     if "split" in df.columns and df["split"].notna().any():
         print("split: replacing the existing split column")
     if "unsafe_split" in df.columns:
@@ -147,6 +153,17 @@ def split_manifest(manifest, val: float = 0.15, test: float = 0.15, seed: int = 
         print(f"split: wrote {target}")
     print(format_audit(split_audit(df)))
     return df
+
+
+def _require_both_classes(df: pd.DataFrame, source) -> None:
+    sub = _subjects(df)
+    n = {lab: int((sub["label"] == lab).sum()) for lab in (0, 1)}
+    if min(n.values()) > 0:
+        return
+    missing = "control" if n[0] == 0 else "PD"
+    raise DataError(f"{source}: only one class: {n[1]} PD and {n[0]} control subject(s) ({len(df)} scans); a "
+                    f"PD-vs-control model needs both: add {missing} subjects (include them in the IDA CSV and re-run "
+                    "fedpd ingest) before splitting.")
 
 
 def _counts(part: pd.DataFrame) -> dict:
@@ -252,6 +269,12 @@ def partition_manifest(manifest, scheme: str = "natural", out="partition", sites
         raise DataError(f"scheme {scheme} needs --sites K (K >= 1 virtual sites), got {sites!r}.")
     if scheme == "dirichlet" and not alpha > 0:
         raise DataError(f"--alpha {alpha} must be > 0 (small = skewed class shares per site).")
+    if not isinstance(manifest, pd.DataFrame):
+        m, o = Path(manifest).resolve(), Path(out).resolve()
+        if m == o or o in m.parents:
+            raise DataError(f"{manifest}: the input manifest lies inside the --out folder {out}; partition writes "
+                            "server.csv, sites/*.csv and partition.json there and must not overwrite its input: "
+                            f"choose a separate folder, e.g. --out {m.parent / 'partition'}.")
     df, path = _load(manifest, require_split=True)
     source = path or _IN_MEMORY
     pool = df[df["split"].isin(["train", "val"])].copy()
@@ -351,3 +374,11 @@ def _print_partition(info: dict, out: Path) -> None:
         lines.append(f"warning: site(s) with no train subject get no site file (their val rows stay in server.csv): "
                      f"{', '.join(info['skipped_sites'])}")
     print("\n".join(lines))
+    for site, c in info["sites"].items():
+        pd_, hc = c["train_scans"]["1"], c["train_scans"]["0"]
+        if min(pd_, hc) == 0:
+            only = "PD" if hc == 0 else "control"
+            print(f"partition: warning: site {site}: its train rows hold only one class ({pd_} PD / {hc} control "
+                  f"scans of {c['train_subjects']['1'] + c['train_subjects']['0']} subject(s)): it trains on "
+                  f"{only} only and local class balancing cannot help; to compare, try --scheme iid or dirichlet",
+                  file=sys.stderr)

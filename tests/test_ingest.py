@@ -2,7 +2,6 @@
 
 import os
 import re
-import time
 
 import nibabel as nib
 import pandas as pd
@@ -31,6 +30,11 @@ COHORT = [
 ]
 
 
+def _cached(cache):
+    """The converted NIfTI files in a cache folder (not the hidden scan-check cache)."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+
+
 def _run(tmp_path, scans=COHORT, sites=None, **kw):
     download, csv = write_ida_download(tmp_path, scans)
     sites_csv = write_sites_csv(tmp_path / "centres.csv", sites) if sites else None
@@ -40,9 +44,7 @@ def _run(tmp_path, scans=COHORT, sites=None, **kw):
 
 def test_ingest_labels_sites_conversion_and_cache(tmp_path, capsys):
     download, csv, sites_csv, out = _run(tmp_path, sites={"1003": "10", "9999": "12"})
-    t0 = time.perf_counter()
     df = ingest(download, csv=csv, sites_csv=sites_csv, out=out)
-    first = time.perf_counter() - t0
     printed = capsys.readouterr()
     assert "excluded 2 scan(s) of group 'Prodromal'" in printed.out
     assert "excluded 1 scan(s) of group 'SWEDD'" in printed.out
@@ -62,25 +64,24 @@ def test_ingest_labels_sites_conversion_and_cache(tmp_path, capsys):
     assert row.loc["I101", "description"] == "MPRAGE" and row.loc["I101", "sex"] == "M"
     assert row.loc["I101", "path"].endswith(".nii.gz") and "download" in row.loc["I101", "path"]
     cache = out.parent / "nifti"
-    assert sorted(p.name for p in cache.iterdir()) == ["I102.nii.gz", "I201.nii.gz", "I202.nii.gz"]
+    assert _cached(cache) == ["I102.nii.gz", "I201.nii.gz", "I202.nii.gz"]
+    assert (cache / ".scan-check.json").is_file()
     assert row.loc["I201", "path"] == str(cache / "I201.nii.gz")
     assert nib.load(cache / "I201.nii.gz").shape == (16, 16, 8)
     assert "nifti/I201.nii.gz" in out.read_text()  # relative to the manifest's folder
 
-    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    t0 = time.perf_counter()
-    again = ingest(download, csv=csv, sites_csv=sites_csv, out=out)
-    second = time.perf_counter() - t0
+    # The re-run (--force: the manifest exists) converts nothing: same files, untouched.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.nii.gz")}
+    again = ingest(download, csv=csv, sites_csv=sites_csv, out=out, force=True)
     assert "converted 0, reused 3" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
-    assert second < first
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.nii.gz")} == mtimes
     pd.testing.assert_frame_equal(again.reset_index(drop=True), df.reset_index(drop=True))
 
 
 def test_explicit_nifti_cache(tmp_path, capsys):
     download, csv, _, out = _run(tmp_path, scans=COHORT[:3])
     ingest(download, csv=csv, out=out, nifti_cache=tmp_path / "cache")
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["I102.nii.gz", "I201.nii.gz"]
+    assert _cached(tmp_path / "cache") == ["I102.nii.gz", "I201.nii.gz"]
     assert not (out.parent / "nifti").exists()
 
 
@@ -135,12 +136,12 @@ def test_missing_folder_and_bad_dicom_keep_the_good_scans(tmp_path, capsys):
     m = read_manifest(out)  # the good rows were written
     assert sorted(m["image_id"]) == ["I101", "I102", "I201", "I202"]
     cache = out.parent / "nifti"
-    assert sorted(p.name for p in cache.iterdir()) == ["I102.nii.gz", "I201.nii.gz", "I202.nii.gz"]
+    assert _cached(cache) == ["I102.nii.gz", "I201.nii.gz", "I202.nii.gz"]
 
-    # Drop the failed rows: the re-run converts nothing and succeeds.
+    # Drop the failed rows: the re-run (--force: the partial manifest exists) converts nothing and succeeds.
     ida = pd.read_csv(csv, dtype=str)
     ida[~ida["Image Data ID"].isin(["I777", "I888", "I999"])].to_csv(csv, index=False)
-    ingest(download, csv=csv, out=out)
+    ingest(download, csv=csv, out=out, force=True)
     assert "converted 0, reused 3" in capsys.readouterr().out
 
 
@@ -158,9 +159,10 @@ def test_interrupted_conversion_leaves_no_half_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ingest(download, csv=csv, out=out)
     assert list((out.parent / "nifti").iterdir()) == []
+    assert not out.exists()
     monkeypatch.undo()
     ingest(download, csv=csv, out=out)
-    assert sorted(p.name for p in (out.parent / "nifti").iterdir()) == ["I102.nii.gz", "I201.nii.gz"]
+    assert _cached(out.parent / "nifti") == ["I102.nii.gz", "I201.nii.gz"]
 
 
 def test_unwritable_output_is_reported_before_converting(tmp_path):

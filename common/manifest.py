@@ -32,7 +32,7 @@ __all__ = ["REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "SPLITS", "LABELS", "UNSAFE_S
            "validate_manifest"]
 
 REQUIRED_COLUMNS = ("image_id", "subject_id", "visit", "label", "site", "path")
-OPTIONAL_COLUMNS = ("sex", "age", "acq_date", "description", "source", "split", "unsafe_split")  # source: phantom | ppmi
+OPTIONAL_COLUMNS = ("sex", "age", "acq_date", "description", "source", "split", "unsafe_split")  # source: phantom | ppmi | bids
 UNSAFE_SCAN_SPLIT = "by-scan"  # unsafe_split value of `fedpd split --unsafe-split-by-scan` (leakage demonstration only)
 SPLITS = ("train", "val", "test")
 LABELS = {0: "control", 1: "PD"}

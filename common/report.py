@@ -228,12 +228,15 @@ def _banner_text(ctx: _Run) -> str:
                 "they say nothing about Parkinson's disease.")
     if source == "ppmi":
         return "REAL DATA (PPMI T1 MRI) - research result, not a medical device and not validated for clinical use."
+    if source == "bids":
+        return ("REAL DATA (a BIDS dataset of T1 MRI) - research result, not a medical device and not validated for "
+                "clinical use.")
     return f"DATA SOURCE: {source} - neither phantom nor PPMI as far as report.json says; check the manifest."
 
 
 def _section_banner(ctx: _Run) -> str:
     data = ctx.report.get("data") or {}
-    cls = "phantom" if ctx.phantom else ("real" if ctx.source == "ppmi" else "unknown")
+    cls = "phantom" if ctx.phantom else ("real" if ctx.source in ("ppmi", "bids") else "unknown")
     out = [f'<h1 class="banner {cls}">{esc(_banner_text(ctx))}</h1>']
     if data.get("unsafe_scan_split"):
         out.append('<div id="unsafe-split-warning" class="alarm">WARNING: this run was split by SCAN, not by '

@@ -5,11 +5,18 @@ formats" and "The phantom cohort"):
 
 - ``idaSearch.csv``: IDA search results (:data:`IDA_COLUMNS`), one row per scan;
 - ``centres.csv``: PPMI-style centre list ``PATNO,CNO``;
-- ``PPMI/<Subject>/<Description>/<YYYY-MM-DD_HH_MM_SS.0>/<Image Data ID>/`` holding one ``.nii.gz`` or an
-  axial DICOM series (MR Image Storage, one slice per file, 12-bit unsigned with RescaleSlope);
+- ``PPMI/<Subject>/<Description>/<YYYY-MM-DD_HH_MM_SS.0>/<Image Data ID>/`` holding one ``.nii.gz`` or a
+  DICOM series (MR Image Storage, one slice per file, 12-bit unsigned with RescaleSlope);
 - ``phantom.json``: the parameters and counts; it marks the folder as a phantom that may be regenerated.
+  In native space it also records every scan's MNI -> scanner transform (``native.scans``).
 
-Image model, per scan (all in the ``shape``^3 output grid, ``FOV_MM / shape`` mm isotropic voxels):
+Two output spaces (``space``). ``"mni"``: the scan is the ``shape``^3 MNI grid itself, zero background.
+``"native"`` (scanner space, like a real download): the same MNI-space brain, PD included, gets a head
+around it (CSF, skull, scalp, neck) and is moved by a random head pose into a larger, anisotropic,
+variously oriented field of view; bias field, blur and Rician noise are applied on that grid
+(:func:`_render_native`), and ``fedpd preprocess`` has to undo it all.
+
+Image model, per scan (in the ``shape``^3 MNI grid, ``FOV_MM / shape`` mm isotropic voxels):
 the MNI152 T1 template shipped inside nilearn (GM/WM templates locate deep grey matter) is resampled once
 per call; each scan then samples it through one composed displacement field: subject anatomy (global and
 per-axis scale, smooth low-frequency field), visit (head position, small longitudinal field), age
@@ -47,7 +54,8 @@ from tqdm import tqdm
 
 from common.errors import DataError
 
-__all__ = ["generate_phantom", "IDA_COLUMNS", "FOV_MM", "MARKER", "IDA_CSV", "CENTRES_CSV"]
+__all__ = ["generate_phantom", "IDA_COLUMNS", "FOV_MM", "MARKER", "IDA_CSV", "CENTRES_CSV", "SPACES", "ORIENTATIONS",
+           "NATIVE_DIRECTION"]
 
 IDA_COLUMNS = ("Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality", "Description", "Type",
                "Acq Date", "Format", "Downloaded")
@@ -75,7 +83,29 @@ SEVERITY_RANGE = (0.4, 1.6)         # per-subject PD severity, uniform
 DARKEN_CAP, VENTRICLE_CAP, SHRINK_CAP = 0.6, 0.85, 0.8
 SITE_GAMMA, SITE_CONTRAST = (0.9, 1.1), 0.15  # scanner nuisance: gamma range, +- GM/WM contrast
 _BASIS = 3                          # cosine orders 0..2 for smooth fields
-_STREAMS = {"cohort": 0, "site": 1, "anatomy": 2, "severity": 3, "scan": 4, "format": 5}
+_STREAMS = {"cohort": 0, "site": 1, "anatomy": 2, "severity": 3, "scan": 4, "format": 5, "pose": 6}
+SPACES = ("mni", "native")
+# Native space (scanner space, ``space="native"``): what `fedpd preprocess` must undo. Per scan a rigid head pose
+# (uniform rotations and translations), a larger field of view holding scalp, skull and neck, anisotropic voxels
+# (the slice axis is the last voxel axis), a voxel-axis orientation from ORIENTATIONS, the site's bias field fixed to
+# the scanner grid, and Rician (magnitude) noise, so the background is never zero.
+NATIVE_FOV_MM = 256.0               # along every voxel axis; the rotated, shifted brain stays inside (<= 94 + 20 mm)
+NATIVE_ANISOTROPY = (1.0, 1.0, 1.2)  # voxel size / (FOV_MM / shape) per voxel axis, e.g. 1 x 1 x 1.2 mm at 192^3
+POSE_ROTATION_DEG, POSE_SHIFT_MM, TABLE_OFFSET_MM = 15.0, 20.0, 30.0  # uniform +- ranges per axis
+ORIENTATIONS = ("RAS", "LAS", "LPS", "RPI", "PIR", "ASL", "LIP", "RSA")  # axial, sagittal and coronal slices
+_AXIS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0), "S": (0, 0, 1), "I": (0, 0, -1)}
+# Head outside the brain, by distance d (mm) from the brain: CSF (0, 3], skull (3, 9] with marrow, scalp fat (9, 16];
+# and a neck: elliptic cylinder (centre x, y; semi-axes; top z, all MNI mm) of muscle with a fat rim. Intensities in
+# template units (white matter ~0.85).
+CSF_MM, SKULL_MM, SCALP_MM = 3.0, 9.0, 16.0
+CSF_LEVEL, BONE_LEVEL, MARROW_LEVEL, FAT_LEVEL, MUSCLE_LEVEL = 0.08, 0.03, 0.15, 0.75, 0.35
+NECK = ((0.0, -20.0), (50.0, 55.0), -35.0)
+NECK_RIM_MM = 6.0
+_PAD_MM, _NECK_PAD_MM = 24.0, 110.0  # head grid beyond the MNI grid: every side, and extra below for the neck
+NATIVE_DIRECTION = ("mni_to_native: x_native = M @ [x_mni, y_mni, z_mni, 1], both in RAS mm; x_mni in the world "
+                    "of the MNI152 template (= the space=\"mni\" rendering of the same seed, which already holds the "
+                    "subject's anatomy and a ~1 deg/1 mm visit jitter), x_native in the scan's world (its NIfTI "
+                    "affine; for a DICOM series, the affine dicom2nifti gives it)")
 
 
 def _rng(seed: int, stream: str, *keys: int) -> np.random.Generator:
@@ -237,8 +267,23 @@ def _anatomy(seed: int, subject: dict, basis: np.ndarray, voxel: float) -> dict:
 
 def _render(tpl: _Templates, volumes: tuple, site: dict, subject: dict, anatomy: dict, scan: dict, effect: float,
             seed: int) -> np.ndarray:
-    """One scan as float32 (S,S,S): warp the site's template (:func:`_site_volumes`), apply PD, then the
-    site's scanner profile."""
+    """One scan as float32 (S,S,S) in MNI space: :func:`_brain`, then the site's scanner profile."""
+    img, r = _brain(tpl, volumes, site, subject, anatomy, scan, effect, seed)
+    bias = np.exp(_smooth(site["bias"] + _coefficients(r, 1, 0.03), tpl.basis)[0])
+    img *= bias * np.float32(1000.0 * site["scale"] * math.exp(r.normal(0, 0.02)))
+    img = ndimage.gaussian_filter(img, site["blur"])
+    sigma = np.float32(1000.0 * site["scale"] * site["noise"])
+    img += sigma * r.standard_normal(img.shape, dtype=np.float32)
+    if site["rician"]:
+        img = np.hypot(img, sigma * r.standard_normal(img.shape, dtype=np.float32))
+    return np.clip(img, 0, None)
+
+
+def _brain(tpl: _Templates, volumes: tuple, site: dict, subject: dict, anatomy: dict, scan: dict, effect: float,
+           seed: int) -> tuple[np.ndarray, np.random.Generator]:
+    """The noise-free brain in MNI space, (S,S,S) in template units: warp the site's template
+    (:func:`_site_volumes`), apply PD and the contrast (gamma). Returns it with the scan's random stream, which
+    the scanner profile goes on drawing from."""
     r = _rng(seed, "scan", subject["index"], scan["visit"])
     voxel = tpl.affine[0, 0]
     years = scan["visit"]
@@ -259,15 +304,90 @@ def _render(tpl: _Templates, volumes: tuple, site: dict, subject: dict, anatomy:
     if pd:
         darken = np.float32(min(PD_DARKEN * pd, DARKEN_CAP))
         img -= darken * ndimage.map_coordinates(deep, p, order=1, mode="constant", cval=0.0, output=np.float32)
-    img = np.clip(img, 0, None) ** np.float32(site["gamma"] * anatomy["gamma"])
-    bias = np.exp(_smooth(site["bias"] + _coefficients(r, 1, 0.03), tpl.basis)[0])
+    return np.clip(img, 0, None) ** np.float32(site["gamma"] * anatomy["gamma"]), r
+
+
+# ----------------------------------------------------------------------------------------- native space
+@dataclass(frozen=True)
+class _Head:
+    """The head grid: the MNI grid padded on every side (scalp) and below (neck), same voxel size."""
+    affine: np.ndarray      # head voxel -> MNI RAS mm
+    shape: tuple            # (X, Y, Z)
+    inner: tuple            # slices of the MNI grid inside the head grid
+    neck: np.ndarray        # (X, Y, Z) neck intensity (muscle, fat rim), 0 outside the neck
+    centre: np.ndarray      # MNI mm about which the head turns (centre of the brain's bounding box)
+
+
+def _head_grid(tpl: _Templates) -> _Head:
+    voxel, size = float(tpl.affine[0, 0]), tpl.t1.shape[0]
+    pad, low = math.ceil(_PAD_MM / voxel), math.ceil((_PAD_MM + _NECK_PAD_MM) / voxel)
+    shape = (size + 2 * pad, size + 2 * pad, size + pad + low)
+    affine = tpl.affine.copy()
+    affine[:3, 3] -= voxel * np.array([pad, pad, low])
+    x, y, z = (affine[a, 3] + voxel * np.arange(n, dtype=np.float32) for a, n in enumerate(shape))
+    (cx, cy), (ax, ay), top = NECK
+    rho = np.sqrt(((x[:, None] - cx) / ax) ** 2 + ((y[None, :] - cy) / ay) ** 2)                 # (X, Y)
+    level = np.where(rho < 1.0, np.where(rho > 1.0 - NECK_RIM_MM / min(ax, ay), FAT_LEVEL, MUSCLE_LEVEL), 0.0)
+    neck = (level[:, :, None] * (z[None, None, :] < top)).astype(np.float32)
+    inner = (slice(pad, pad + size), slice(pad, pad + size), slice(low, low + size))
+    centre = tpl.affine[:3, :3] @ np.full(3, (size - 1) / 2) + tpl.affine[:3, 3]
+    return _Head(affine=affine, shape=shape, inner=inner, neck=neck, centre=centre)
+
+
+def _head_image(head: _Head, brain: np.ndarray, voxel: float) -> np.ndarray:
+    """Brain (template units, MNI grid) + CSF, skull, scalp and neck on the head grid. The shells follow this
+    scan's brain: they are bands of distance from it."""
+    img = np.zeros(head.shape, np.float32)
+    img[head.inner] = brain
+    inside = img > 0.01
+    d = ndimage.distance_transform_edt(~inside, sampling=voxel).astype(np.float32)
+    skull = BONE_LEVEL + (MARROW_LEVEL - BONE_LEVEL) * np.exp(-0.5 * ((d - (CSF_MM + SKULL_MM) / 2) / 1.2) ** 2)
+    soft = np.maximum(np.where(d <= SCALP_MM, np.float32(FAT_LEVEL), np.float32(0.0)), head.neck)
+    shell = np.where(d <= CSF_MM, np.float32(CSF_LEVEL), np.where(d <= SKULL_MM, skull, soft))
+    return np.where(inside, img, shell).astype(np.float32)
+
+
+def _pose(seed: int, subject: dict, scan: dict, head: _Head, voxel: float) -> dict:
+    """The scan's native grid and head pose: ``mni_to_native`` (4x4, MNI RAS mm -> scanner RAS mm), ``affine``
+    (native voxel -> scanner RAS mm), ``shape``, ``orientation`` (nibabel axis codes) and ``voxel_mm``."""
+    r = _rng(seed, "pose", subject["index"], scan["visit"])
+    angles = r.uniform(-POSE_ROTATION_DEG, POSE_ROTATION_DEG, 3)
+    shift = r.uniform(-POSE_SHIFT_MM, POSE_SHIFT_MM, 3)       # head centre relative to the field of view's centre
+    table = r.uniform(-TABLE_OFFSET_MM, TABLE_OFFSET_MM, 3)   # where the scanner puts the field of view's centre
+    code = ORIENTATIONS[int(r.integers(len(ORIENTATIONS)))]
+    rot = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
+    to_native = np.eye(4)
+    to_native[:3, :3] = rot
+    to_native[:3, 3] = table + shift - rot @ head.centre
+    zooms = voxel * np.asarray(NATIVE_ANISOTROPY)
+    shape = tuple(int(round(NATIVE_FOV_MM / z)) for z in zooms)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([_AXIS[c] for c in code], float).T * zooms
+    affine[:3, 3] = table - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    return {"mni_to_native": to_native, "affine": affine, "shape": shape, "orientation": code,
+            "voxel_mm": [round(float(z), 6) for z in zooms]}
+
+
+def _render_native(tpl: _Templates, head: _Head, volumes: tuple, site: dict, subject: dict, anatomy: dict,
+                   scan: dict, effect: float, seed: int) -> tuple[np.ndarray, dict]:
+    """One scan in scanner space: the MNI-space brain of :func:`_brain` (PD applied there), a head around it,
+    moved into the native grid by the scan's pose (:func:`_pose`); then bias, blur and Rician noise on that grid."""
+    voxel = float(tpl.affine[0, 0])
+    brain, r = _brain(tpl, volumes, site, subject, anatomy, scan, effect, seed)
+    pose = _pose(seed, subject, scan, head, voxel)
+    m = np.linalg.inv(head.affine) @ np.linalg.inv(pose["mni_to_native"]) @ pose["affine"]
+    img = ndimage.affine_transform(_head_image(head, brain, voxel), m[:3, :3], offset=m[:3, 3],
+                                   output_shape=pose["shape"], order=1, mode="constant", cval=0.0, output=np.float32)
+    bases = [np.stack([np.cos(np.pi * k * (np.arange(n) + 0.5) / n) for k in range(_BASIS)]).astype(np.float32)
+             for n in pose["shape"]]
+    coef = site["bias"] + _coefficients(r, 1, 0.03)
+    bias = np.exp(np.einsum("lmn,li,mj,nk->ijk", coef[0], *bases, optimize=True)).astype(np.float32)
     img *= bias * np.float32(1000.0 * site["scale"] * math.exp(r.normal(0, 0.02)))
-    img = ndimage.gaussian_filter(img, site["blur"])
+    img = ndimage.gaussian_filter(img, site["blur"])           # the slice axis (last) is blurred most
     sigma = np.float32(1000.0 * site["scale"] * site["noise"])
-    img += sigma * r.standard_normal(img.shape, dtype=np.float32)
-    if site["rician"]:
-        img = np.hypot(img, sigma * r.standard_normal(img.shape, dtype=np.float32))
-    return np.clip(img, 0, None)
+    img = np.hypot(img + sigma * r.standard_normal(img.shape, dtype=np.float32),
+                   sigma * r.standard_normal(img.shape, dtype=np.float32))  # magnitude image: Rician everywhere
+    return img, pose
 
 
 # ----------------------------------------------------------------------------------------- writers
@@ -288,18 +408,34 @@ def _nifti_bytes(vol: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
+def _dicom_number(x: float):
+    """An int when whole (IOP of axis-aligned grids), else rounded to 6 decimals."""
+    x = round(float(x), 6)
+    return int(x) if x.is_integer() else x
+
+
 def _write_dicom(folder: Path, vol: np.ndarray, affine: np.ndarray, meta: dict) -> None:
-    """Axial MR series, LPS patient coordinates: column index = -x (RAS i reversed), row index = -y."""
+    """MR series, one slice per voxel index along the last axis, any axis-aligned or rotated ``affine`` (voxel ->
+    RAS mm). DICOM patient coordinates are LPS; in-plane axes whose LPS direction points mostly backwards are
+    flipped so rows and columns run forwards (an MNI-grid scan: axial, ImageOrientationPatient 1,0,0,0,1,0)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
     def uid(*parts):
         return generate_uid(entropy_srcs=["fedpd-phantom", str(meta["seed"]), meta["image_id"], *map(str, parts)])
 
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    for a in (0, 1):
+        if lps[np.argmax(np.abs(lps[:3, a])), a] < 0:
+            vol = np.flip(vol, a)
+            lps[:3, 3] += lps[:3, a] * (vol.shape[a] - 1)
+            lps[:3, a] *= -1
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    row, col = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]   # directions of increasing column, row index
+    normal = np.cross(row, col)
     slope = float(f"{max(float(vol.max()), 1.0) / 4095:.6g}")
     stored = np.clip(np.rint(vol / slope), 0, 4095).astype("<u2")
     n_i, n_j, n_k = vol.shape
-    voxel, (x0, y0, z0) = float(affine[0, 0]), affine[:3, 3]
     when = meta["when"]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -318,22 +454,21 @@ def _write_dicom(folder: Path, vol: np.ndarray, affine: np.ndarray, meta: dict) 
     ds.PatientPosition, ds.BodyPartExamined = "HFS", "BRAIN"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
     ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = ["GR", "IR"], ["SP", "MP"], "3D"
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [round(voxel, 6), round(voxel, 6)]
-    ds.SliceThickness = ds.SpacingBetweenSlices = round(voxel, 6)
+    ds.ImageOrientationPatient = [_dicom_number(v) for v in (*row, *col)]
+    ds.PixelSpacing = [round(float(spacing[1]), 6), round(float(spacing[0]), 6)]  # between rows, between columns
+    ds.SliceThickness = ds.SpacingBetweenSlices = round(float(spacing[2]), 6)
     ds.Rows, ds.Columns = n_j, n_i
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, slope, "US"
-    lps_x, lps_y = -(x0 + (n_i - 1) * voxel), -(y0 + (n_j - 1) * voxel)
     stem = f"PPMI_{meta['subject']}_MR_{meta['description'].replace(' ', '_')}_{meta['image_id']}"
     for k in range(n_k):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid("sop", k)
         ds.InstanceNumber = k + 1
-        z = round(float(z0 + k * voxel), 4)
-        ds.ImagePositionPatient = [round(float(lps_x), 4), round(float(lps_y), 4), z]
-        ds.SliceLocation = z
-        ds.PixelData = np.ascontiguousarray(stored[::-1, ::-1, k].T).tobytes()
+        position = lps[:3, 3] + k * lps[:3, 2]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+        ds.SliceLocation = round(float(normal @ position), 4)
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         ds.save_as(folder / f"{stem}_{k + 1:04d}.dcm", enforce_file_format=True)
 
 
@@ -342,7 +477,7 @@ def _scan_folder(out: Path, subject: dict, site: dict, scan: dict) -> Path:
             / f"{scan['when']:%Y-%m-%d_%H_%M_%S}.0" / scan["image_id"])
 
 
-def _write_scan(out: Path, vol: np.ndarray, tpl: _Templates, subject: dict, site: dict, scan: dict, seed: int):
+def _write_scan(out: Path, vol: np.ndarray, affine: np.ndarray, subject: dict, site: dict, scan: dict, seed: int):
     final = _scan_folder(out, subject, site, scan)
     tmp = final.with_name(f".{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -350,9 +485,9 @@ def _write_scan(out: Path, vol: np.ndarray, tpl: _Templates, subject: dict, site
     desc = site["description"].replace(" ", "_")
     if scan["format"] == "NiFTI":
         (tmp / f"PPMI_{subject['patno']}_MR_{desc}_{scan['image_id']}.nii.gz").write_bytes(
-            _nifti_bytes(vol, tpl.affine))
+            _nifti_bytes(vol, affine))
     else:
-        _write_dicom(tmp, vol, tpl.affine, {
+        _write_dicom(tmp, vol, affine, {
             "seed": seed, "image_id": scan["image_id"], "when": scan["when"], "model": site["model"],
             "tesla": site["tesla"], "site": site["name"], "description": site["description"],
             "subject": subject["patno"], "sex": subject["sex"], "age": subject["age"] + scan["visit"]})
@@ -369,7 +504,7 @@ def _write_csv(path: Path, header, rows, quote_all: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------- entry point
-def _check_args(out: Path, subjects, sites, shape, effect, seed, dicom_fraction) -> None:
+def _check_args(out: Path, subjects, sites, shape, effect, seed, dicom_fraction, space) -> None:
     problems = []
     def whole(x):
         return isinstance(x, numbers.Integral) and not isinstance(x, bool)
@@ -387,6 +522,9 @@ def _check_args(out: Path, subjects, sites, shape, effect, seed, dicom_fraction)
         problems.append(f"--seed must be an integer >= 0, got {seed!r}")
     if not (0.1 <= dicom_fraction <= 1.0):
         problems.append(f"--dicom-fraction must be in [0.1, 1] so the DICOM path is exercised, got {dicom_fraction!r}")
+    if space not in SPACES:
+        problems.append(f"--space must be one of {', '.join(SPACES)} (native: scanner space like a real download; "
+                        f"mni: already in template space), got {space!r}")
     if problems:
         raise DataError("; ".join(problems))
     if out.exists() and not out.is_dir():
@@ -424,7 +562,7 @@ def _prepare_out(out: Path) -> None:
 
 
 def generate_phantom(out, subjects: int = 120, sites: int = 3, shape: int = 64, effect: float = 1.0, seed: int = 0,
-                     dicom_fraction: float = 0.15) -> dict:
+                     dicom_fraction: float = 0.15, space: str = "mni") -> dict:
     """Write a synthetic PPMI-shaped IDA download into ``out`` (see the module docstring).
 
     Args:
@@ -435,21 +573,32 @@ def generate_phantom(out, subjects: int = 120, sites: int = 3, shape: int = 64, 
         effect: PD effect size; 0 = negative control (labels carry no image signal).
         seed: random seed; the same arguments give byte-identical files.
         dicom_fraction: share of scans written as DICOM series (0.1..1).
+        space: ``"mni"``: scans on the ``shape``^3 MNI grid, zero background (the files are byte-identical to
+            those written before this parameter existed). ``"native"``: scanner space, as a real download: the
+            same MNI-space brain (PD defined there) with a head around it (CSF, skull, scalp, neck), moved by a
+            random head pose (rotations up to +-15 deg, translations up to +-20 mm) into a 256 mm field of view
+            with anisotropic voxels (``FOV_MM / shape`` x (1, 1, 1.2) mm) and a per-scan orientation
+            (:data:`ORIENTATIONS`), then bias field, blur and Rician noise on that grid. The marker
+            ``phantom.json`` then records each scan's transform (``native.scans.<image id>.mni_to_native``, see
+            :data:`NATIVE_DIRECTION`).
 
     Returns:
         Summary dict: ``out, subjects, scans, dicom, nifti, groups, pd_share, sites`` (per site: ``cno,
-        description, subjects, scans, groups``), ``shape, voxel_mm, effect, seed, seconds``.
+        description, subjects, scans, groups``), ``shape, voxel_mm, effect, seed, space, seconds``.
 
     Raises:
         DataError: bad arguments, or ``out`` holds files that are not a previous phantom.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    _check_args(out, subjects, sites, shape, float(effect), seed, dicom_fraction)
+    _check_args(out, subjects, sites, shape, float(effect), seed, dicom_fraction, space)
     _prepare_out(out)
     effect = float(effect)
     params = {"subjects": subjects, "sites": sites, "shape": shape, "effect": effect, "seed": seed,
               "dicom_fraction": dicom_fraction}
+    native = space == "native"
+    if native:  # an MNI phantom's marker stays as it was before native space existed: no "space" key means mni
+        params["space"] = space
     marker = {"generator": "fedpd phantom", "complete": False, "params": params,
               "note": "synthetic data for software testing; never a clinical result. complete=false: generation "
                       "was interrupted; run fedpd phantom again"}
@@ -458,6 +607,8 @@ def generate_phantom(out, subjects: int = 120, sites: int = 3, shape: int = 64, 
     tpl = _load_templates(shape)
     voxel = float(tpl.affine[0, 0])
     volumes = [_site_volumes(tpl, site) for site in site_list]
+    head = _head_grid(tpl) if native else None
+    poses: dict[str, dict] = {}
     anatomy: dict[int, dict] = {}
     for scan in tqdm(sorted(scans, key=lambda s: (s["subject"], s["visit"])), desc="phantom", unit="scan"):
         subject = subject_list[scan["subject"]]
@@ -465,8 +616,15 @@ def generate_phantom(out, subjects: int = 120, sites: int = 3, shape: int = 64, 
         if subject["index"] not in anatomy:
             anatomy.clear()  # visits of a subject are consecutive: keep one subject's fields at a time
             anatomy[subject["index"]] = _anatomy(seed, subject, tpl.basis, voxel)
-        vol = _render(tpl, volumes[subject["site"]], site, subject, anatomy[subject["index"]], scan, effect, seed)
-        _write_scan(out, vol, tpl, subject, site, scan, seed)
+        if native:
+            vol, pose = _render_native(tpl, head, volumes[subject["site"]], site, subject, anatomy[subject["index"]],
+                                       scan, effect, seed)
+            poses[scan["image_id"]] = pose
+            _write_scan(out, vol, pose["affine"], subject, site, scan, seed)
+        else:
+            vol = _render(tpl, volumes[subject["site"]], site, subject, anatomy[subject["index"]], scan, effect,
+                          seed)
+            _write_scan(out, vol, tpl.affine, subject, site, scan, seed)
     _write_csv(out / CENTRES_CSV, ["PATNO", "CNO"],
                sorted(((s["patno"], site_list[s["site"]]["cno"]) for s in subject_list), key=lambda r: int(r[0])),
                quote_all=False)
@@ -478,8 +636,15 @@ def generate_phantom(out, subjects: int = 120, sites: int = 3, shape: int = 64, 
                      f"{scan['when']:%m/%d/%Y}", scan["format"], f"{downloaded:%m/%d/%Y}"])
     _write_csv(out / IDA_CSV, IDA_COLUMNS, rows, quote_all=True)
     summary = _summary(out, site_list, subject_list, scans, params, voxel)
+    if native:
+        summary.update(space=space, native_voxel_mm=[round(voxel * a, 4) for a in NATIVE_ANISOTROPY])
     marker.update(complete=True, summary={k: v for k, v in summary.items() if k != "out"})  # bytes: no paths
+    if native:
+        marker["native"] = {"direction": NATIVE_DIRECTION, "scans": {
+            iid: {"mni_to_native": np.round(pose["mni_to_native"], 6).tolist(), "orientation": pose["orientation"],
+                  "voxel_mm": pose["voxel_mm"], "shape": list(pose["shape"])} for iid, pose in sorted(poses.items())}}
     _write_atomic(out / MARKER, json.dumps(marker, indent=2).encode())
+    summary.setdefault("space", space)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     _print_summary(summary)
     return summary
@@ -506,7 +671,9 @@ def _summary(out, site_list, subject_list, scans, params, voxel) -> dict:
 def _print_summary(s: dict) -> None:
     lines = [f"phantom: wrote {s['out']}: {s['subjects']} subjects, {s['scans']} scans ({s['dicom']} DICOM series, "
              f"{s['nifti']} NIfTI), {s['shape']}^3 at {s['voxel_mm']:g} mm, effect {s['effect']:g}, seed {s['seed']}, "
-             f"{s['seconds']:.1f} s",
+             f"{s['seconds']:.1f} s" + (f"; native space: head pose, skull, neck, bias field, "
+                                        f"{' x '.join(f'{z:g}' for z in s['native_voxel_mm'])} mm voxels, "
+                                        f"transforms in {MARKER}" if s["space"] == "native" else ""),
              f"  {'site':<10} {'CNO':>4} {'scans':>6} {'PD':>4} {'Control':>8} {'Prodromal':>10} {'SWEDD':>6}"
              "  (subjects by group)"]
     for name, v in s["sites"].items():

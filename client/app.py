@@ -6,14 +6,16 @@ Handlers unpack the message, call ``common/`` and pack the reply; nothing per-sa
 from __future__ import annotations
 
 import warnings
+from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from common import keys
 from common.config import RunConfig
-from common.device import runtime
+from common.device import deterministic_kernels, runtime
 from common.evaluation import eval_loader, make_model, train_loader
 from common.metrics import MetricUndefinedWarning, binary_metrics
 from common.train import load_state_numpy, predict, train_local
@@ -29,6 +31,7 @@ def _setup(msg: Message, context: Context):
     cfg = RunConfig.from_mapping(context.run_config, defaults={})  # Flower merged the defaults
     site = resolve_site(context.node_config, cfg)
     rt = runtime(cfg.amp)
+    deterministic_kernels(rt.device)  # CPU: same seed, same weights (common/device.py)
     model = make_model(cfg)
     load_state_numpy(model, msg.content[keys.ARRAYS].to_torch_state_dict())
     g = int(msg.content[keys.CONFIG].get("global-round", msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 1)))
@@ -60,6 +63,10 @@ def train(msg: Message, context: Context) -> Message:
         keys.class_count_key(0): int(counts.get(0, 0)),
         keys.class_count_key(1): int(counts.get(1, 0)),
     }
+    # the one console line per site and round (evaluation adds none; its numbers reach the server's log)
+    log(INFO, "site %s, round %d: trained on %d scans (%d control, %d PD), loss %.4f, %.1f s", site.name, g,
+        result.num_examples, metrics[keys.class_count_key(0)], metrics[keys.class_count_key(1)], result.loss,
+        result.seconds)
     return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
 
 

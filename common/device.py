@@ -2,6 +2,10 @@
 
 CUDA when present (with AMP in float16 and a gradient scaler), else CPU in float32. The environment
 variable ``FEDPD_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``) forces a choice, e.g. for tests.
+
+Reproducibility: on CPU, with the per-round seeds of the ClientApp, a site's local training is bitwise
+repeatable for a given machine, thread count and ``num-workers`` (each of those may change the numbers,
+never their repeatability). :func:`deterministic_kernels` asks torch to keep it that way.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Runtime", "select_device", "runtime"]
+__all__ = ["Runtime", "select_device", "runtime", "deterministic_kernels"]
 
 
 def select_device(requested: str | None = None) -> torch.device:
@@ -63,3 +67,21 @@ def runtime(amp: bool = True, requested: str | None = None) -> Runtime:
     """Select the device and decide AMP: on only when requested *and* the device is CUDA."""
     device = select_device(requested)
     return Runtime(device=device, amp=bool(amp) and device.type == "cuda")
+
+
+def deterministic_kernels(device: torch.device) -> bool:
+    """On CPU, make torch use deterministic kernels (``torch.use_deterministic_algorithms``, warn-only).
+
+    The CPU kernels our model and loaders use are deterministic already; this guards the future: an op
+    that has only a nondeterministic CPU kernel then warns instead of silently varying from run to run.
+    CUDA is left as it is: deterministic cuDNN/cuBLAS kernels need ``CUBLAS_WORKSPACE_CONFIG`` set before
+    CUDA starts, are slower, and several 3D backward kernels (pooling, interpolation) have no
+    deterministic CUDA version, so GPU runs are reproducible only up to float rounding.
+
+    Returns:
+        Whether the setting was applied (``True`` on CPU).
+    """
+    if device.type != "cpu":
+        return False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return True

@@ -6,7 +6,12 @@ Aggregation itself is Flower's FedAvg (weighted by ``num-examples``). This subcl
   numbers across resumes (``round_offset``);
 - screening: a reply that could corrupt the global model or crash the aggregation is *rejected* (logged
   with site and round, kept in ``rejected``) and the others are aggregated. See :func:`check_train_reply`
-  for the rules and why they are what they are.
+  for the rules and why they are what they are;
+- a fixed order: replies are sorted by site name, then node id, before anything is summed, so the global
+  model is bitwise the same whatever order Ray or the SuperLink delivered them in (a float sum depends on
+  its order);
+- meaningful aggregated metrics: counts are summed, never averaged (:func:`train_metrics_summary`,
+  :func:`nan_aware_mean`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 
-__all__ = ["RecordingFedAvg", "nan_aware_mean", "check_train_reply", "check_evaluate_reply", "MAX_NUM_EXAMPLES",
-           "EVALUATE_METRIC_KEYS"]
+__all__ = ["RecordingFedAvg", "nan_aware_mean", "train_metrics_summary", "check_train_reply", "check_evaluate_reply",
+           "MAX_NUM_EXAMPLES", "EVALUATE_METRIC_KEYS"]
 
 # Largest number of training samples one site may claim. A site's FedAvg weight is its num-examples, so
 # an inflated count lets one site outweigh all others. 100,000 scans is well above any single centre
@@ -34,6 +39,7 @@ MAX_NUM_EXAMPLES = 100_000
 
 EVALUATE_METRIC_KEYS = (keys.NUM_EXAMPLES, *(keys.eval_key(m) for m in keys.EVAL_METRICS))
 _CLASS_COUNT_PREFIX = keys.class_count_key(0)[:-1]  # "class-count-"
+_EVAL_COUNT = keys.eval_key("n")  # a site's number of val scans: summed over sites, not averaged
 
 
 def _site_of(msg: Message, node: int) -> str:
@@ -41,6 +47,17 @@ def _site_of(msg: Message, node: int) -> str:
     if keys.SITE in content.config_records:
         return str(content.config_records[keys.SITE].get(keys.SITE_NAME, f"node-{node}"))
     return f"node-{node}"
+
+
+def _reason_line(reason) -> str:
+    """One line of a site's error reason for the log: the site's own words after Flower's "Message: ", else
+    the last non-empty line (a reason may hold a whole remote traceback; ``failed`` keeps all of it)."""
+    text = str(reason or "")
+    if "Message: " in text:
+        words = text.rsplit("Message: ", 1)[1].strip().splitlines()
+        return (words[0].rstrip("'>").strip() if words else "") or "?"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "?"
 
 
 def _short(names: Iterable[str], limit: int = 5) -> str:
@@ -175,24 +192,54 @@ def check_evaluate_reply(content: RecordDict, *, metric_keys: Iterable[str] = EV
     return _check_count(keys.NUM_EXAMPLES, content.metric_records[keys.METRICS][keys.NUM_EXAMPLES], 0, max_num_examples)
 
 
+def _metrics_of(record: RecordDict) -> MetricRecord:
+    return next(iter(record.metric_records.values()))
+
+
 def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """Sample-weighted mean of each metric over the sites where it is defined.
+    """Sample-weighted mean of each metric over the sites where it is defined; counts summed.
 
     A site whose validation rows hold one class only has no AUC (NaN); FedAvg's default average would
-    turn the federation's value into NaN. Here such a site is left out of that metric's average.
+    turn the federation's value into NaN. Here such a site is left out of that metric's average. The
+    weighting key and ``val-n`` are counts of scans: they are summed (a mean of counts means nothing).
     """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
+    counts: dict[str, float] = {}
     for record in records:
-        metrics = next(iter(record.metric_records.values()))
+        metrics = _metrics_of(record)
         w = float(metrics[weighting_key])
         for key, value in metrics.items():
-            if key == weighting_key or not isinstance(value, (int, float)) or not math.isfinite(value) or w <= 0:
+            if key == weighting_key or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
-            sums[key] = sums.get(key, 0.0) + w * float(value)
-            weights[key] = weights.get(key, 0.0) + w
-    out = {k: sums[k] / weights[k] for k in sums}
-    out[weighting_key] = sum(float(next(iter(r.metric_records.values()))[weighting_key]) for r in records)
+            if key == _EVAL_COUNT:
+                counts[key] = counts.get(key, 0.0) + float(value)
+            elif w > 0:
+                sums[key] = sums.get(key, 0.0) + w * float(value)
+                weights[key] = weights.get(key, 0.0) + w
+    out = {k: sums[k] / weights[k] for k in sums} | counts
+    out[weighting_key] = sum(float(_metrics_of(r)[weighting_key]) for r in records)
+    return MetricRecord(out)
+
+
+def train_metrics_summary(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """The round's training metrics over the accepted sites: the sample-weighted mean ``train-loss`` and
+    the summed ``class-count-*`` (scans per class in the federation's training rows).
+
+    Flower's default would average every key weighted by ``num-examples``, which turns class counts into
+    meaningless fractional numbers ("class-count-0: 1.61") and mixes per-site timings; the per-site
+    values, timings included, are in ``rounds.jsonl``. The weighting key itself is left out, as Flower
+    does (it equals the sum of the class counts).
+    """
+    total = sum(float(_metrics_of(r)[weighting_key]) for r in records)
+    out: dict[str, float | int] = {}
+    if total > 0:
+        out[keys.TRAIN_LOSS] = sum(float(_metrics_of(r)[weighting_key]) * float(_metrics_of(r)[keys.TRAIN_LOSS])
+                                   for r in records) / total
+    for record in records:
+        for key, value in _metrics_of(record).items():
+            if key.startswith(_CLASS_COUNT_PREFIX):
+                out[key] = int(out.get(key, 0)) + int(value)
     return MetricRecord(out)
 
 
@@ -201,6 +248,7 @@ class RecordingFedAvg(FedAvg):
     after a resume; ``max_num_examples`` bounds a site's claimed sample count (:func:`check_train_reply`)."""
 
     def __init__(self, *, round_offset: int = 0, max_num_examples: int = MAX_NUM_EXAMPLES, **kwargs):
+        kwargs.setdefault("train_metrics_aggr_fn", train_metrics_summary)
         kwargs.setdefault("evaluate_metrics_aggr_fn", nan_aware_mean)
         super().__init__(**kwargs)
         self.round_offset = round_offset
@@ -241,6 +289,17 @@ class RecordingFedAvg(FedAvg):
                 return ins.metadata.dst_node_id
         return reply.metadata.src_node_id
 
+    def _ordered(self, replies: Iterable[Message]) -> list[Message]:
+        """The replies sorted by site name, then node id: FedAvg's float sums then do not depend on the
+        order in which Ray or the SuperLink delivered them. An error reply sorts by the name its node had
+        before (or ``node-<id>``)."""
+        def key(msg: Message) -> tuple[str, int]:
+            node = self._node_of(msg)
+            if msg.has_error():
+                return self.node_sites.get(node, f"node-{node}"), node
+            return _site_of(msg, node), node
+        return sorted(replies, key=key)
+
     def _screen(self, server_round: int, replies: list[Message], phase: str) -> list[Message]:
         """Replies that may be aggregated (error replies pass through: FedAvg skips them, ``_collect`` logs them)."""
         g = self.global_round(server_round)
@@ -271,7 +330,8 @@ class RecordingFedAvg(FedAvg):
             if msg.has_error():
                 failed.append({"node": node, "site": self.node_sites.get(node, f"node-{node}"), "phase": phase,
                                "reason": msg.error.reason})
-                log(WARNING, "round %d: site %s failed in %s: %s", g, self.node_sites.get(node, node), phase, msg.error.reason)
+                log(WARNING, "round %d: site %s failed in %s: %s", g, self.node_sites.get(node, node), phase,
+                    _reason_line(msg.error.reason))
                 continue
             site = _site_of(msg, node)
             self.node_sites[node] = site
@@ -281,14 +341,14 @@ class RecordingFedAvg(FedAvg):
         self.failed.setdefault(g, []).extend(failed)
 
     def aggregate_train(self, server_round: int, replies):
-        replies = self._screen(server_round, list(replies), "train")
+        replies = self._screen(server_round, self._ordered(replies), "train")
         self._collect(server_round, replies, self.train_sites, "train")
         self._outbox = []
         log(INFO, "round %d: %d site update(s) accepted", self.global_round(server_round), len(self.train_sites[self.global_round(server_round)]))
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies):
-        replies = self._screen(server_round, list(replies), "evaluate")
+        replies = self._screen(server_round, self._ordered(replies), "evaluate")
         self._collect(server_round, replies, self.eval_sites, "evaluate")
         self._outbox = []
         return super().aggregate_evaluate(server_round, replies)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,11 +18,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from common.run import GIT_COMMIT_ENV, git_commit
 
 __all__ = ["Proc", "free_port", "flwr_env", "start_superlink", "start_supernode", "stop", "write_connections",
-           "flwr_run", "wait_for_port", "write_run_config", "APP_DIR"]
+           "flwr_run", "console_lines", "wait_for_port", "write_run_config", "APP_DIR"]
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder with pyproject.toml
 BIN = Path(sys.executable).parent  # the venv's bin/: flower-superlink, flower-supernode, flwr
@@ -223,9 +225,118 @@ def write_run_config(path: Path, overrides: dict) -> Path:
     return path
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RAY_PREFIX = re.compile(r"^\((?:[\w.:-]+)(?: pid=\d+)?(?:, ip=[\w.:-]+)?\)\s?")  # "(ClientAppActor pid=7) "
+_LOG_LEVEL = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")  # Flower's "ERROR :     "
+_PY_WARNING = re.compile(r"^(?P<where>\S.*?):(?P<line>\d+): (?P<category>[A-Za-z_]\w*Warning): (?P<message>.*)$")
+_LOG_WARNING = re.compile(r"^WARNING\s*:\s*(?P<message>.*)$")
+_TRACEBACK = "Traceback (most recent call last):"
+_CHAINED = ("The above exception was the direct cause of the following exception:",
+            "During handling of the above exception, another exception occurred:")
+_RAY_FRAME_HEADER = re.compile(r"^ray::[\w.]+\(\)(?: \(pid=.*)?$")  # Ray's remote traceback, e.g. "ray::ClientAppActor.run() (pid=7, ...)"
+_FRAME = re.compile(r'^\s+File "[^"]*", line \d+')
+_CARETS = re.compile(r"^\s+[\^~]+\s*$")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit|Warning)(?:\([\w.]*\))?(?::.*)?$")
+
+
+def console_lines(lines: Iterable[str], log_name: str = "flower.log") -> Iterator[str]:
+    """What the console shows of a streamed Flower log (the log file keeps every line).
+
+    - A warning seen before (a Python warning of the same category from the same source line, e.g.
+      sklearn's ``UndefinedMetricWarning`` or our ``MetricUndefinedWarning``, or a Flower/Ray ``WARNING``
+      line with the same text) is counted, not shown; the counts come at the end. The source line Python
+      prints under a warning is dropped.
+    - A Python traceback, chained ones ("The above exception was the direct cause ...") and Ray's remote
+      frames included, becomes its last ``XError: message`` line, marked with where the full text is.
+    - Everything else passes unchanged.
+
+    Args:
+        lines: the log's lines, with or without their line ends (a generator is consumed lazily, so the
+            console follows the run; the last line of a traceback shows when the line after it arrives).
+        log_name: the log file named in the markers.
+
+    Yields:
+        Console lines without line ends.
+    """
+    seen: dict[tuple, list] = {}  # warning key -> [repeats not shown, short description]
+    in_traceback = after_frame = skip_source = False
+    pending: str | None = None  # the latest exception line of the traceback being read
+    collapsed = 0
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        text = _RAY_PREFIX.sub("", _ANSI.sub("", line))
+        body = _LOG_LEVEL.sub("", text.strip())
+        indented = text[:1].isspace() and bool(body)
+        frame = indented and bool(_FRAME.match(text))
+        if skip_source:  # the source line Python prints under a warning header
+            skip_source = False
+            if indented:
+                continue
+        if in_traceback:
+            # Before the first exception line every indented line is a frame; after it, only frames, their
+            # code lines and "^^^" markers are (an exception's own message may go on with indented lines).
+            code = indented and (pending is None or after_frame or frame or _CARETS.match(text))
+            after_frame = frame
+            if (code or not body or body in _CHAINED or _RAY_FRAME_HEADER.match(body)
+                    or body.endswith(_TRACEBACK)):
+                continue
+            if pending is None or _EXCEPTION.match(body):
+                pending = line  # a later exception line (the chain's last one) replaces an earlier one
+                continue
+            in_traceback = False
+            collapsed += 1
+            yield f"{pending}  [traceback in {log_name}]"
+            pending = None
+        if body.endswith(_TRACEBACK) or _RAY_FRAME_HEADER.match(body) or frame or (indented and _CARETS.match(text)):
+            # a traceback, also one inside a logged message (an error reply's reason), which has no header
+            in_traceback, after_frame, pending = True, frame, None
+            continue
+        key, short = _warning_key(text)
+        if key is not None:
+            skip_source = key[0] == "python"
+            if key in seen:
+                seen[key][0] += 1
+                continue
+            seen[key] = [0, short]
+        yield line
+    if pending is not None:
+        collapsed += 1
+        yield f"{pending}  [traceback in {log_name}]"
+    for n, short in seen.values():
+        if n:
+            yield f"(repeated {n} more time{'s' if n > 1 else ''}, not shown: {short}; all in {log_name})"
+    if collapsed:
+        yield f"({collapsed} traceback(s) shortened to their last line; full text in {log_name})"
+
+
+def _warning_key(text: str) -> tuple[tuple | None, str]:
+    """A key that is equal for repeats of one warning, and a short description of it (``None`` if no warning)."""
+    m = _PY_WARNING.match(text.strip())
+    if m:
+        where = f"{Path(m['where']).name}:{m['line']}"
+        return ("python", m["category"], m["where"], m["line"]), f"{m['category']} at {where}"
+    m = _LOG_WARNING.match(text.strip())
+    if m:  # the same text only: our own warnings differ by round and site, and each of them matters
+        return ("log", m["message"].strip()), f"WARNING {m['message'].strip()[:100]}"
+    return None, ""
+
+
+def _tee(proc: subprocess.Popen, fh, log: Path, timeout: float | None) -> Iterator[str]:
+    """The process's output lines, each written to the log file first; kills the process after ``timeout``."""
+    start = time.monotonic()
+    for raw in proc.stdout or []:
+        fh.write(raw)
+        fh.flush()
+        if timeout and time.monotonic() - start > timeout:
+            proc.kill()
+            raise TimeoutError(f"flwr run exceeded {timeout:.0f}s; see {log}")
+        yield raw.decode(errors="replace")
+
+
 def flwr_run(home: Path, connection: str, *, run_config: Path | None = None, federation_config: str | None = None,
              log: Path, timeout: float | None = None, app: Path = APP_DIR, echo: bool = False) -> int:
-    """``flwr run APP CONNECTION --stream`` with our FLWR_HOME; output to ``log`` (and stdout if ``echo``)."""
+    """``flwr run APP CONNECTION --stream`` with our FLWR_HOME; output to ``log``, and when ``echo`` a
+    summary of it to stdout (:func:`console_lines`: repeated warnings counted, tracebacks shortened)."""
     args = [str(BIN / "flwr"), "run", str(app), connection, "--stream"]
     if run_config is not None:
         args += ["--run-config", str(run_config)]
@@ -234,14 +345,12 @@ def flwr_run(home: Path, connection: str, *, run_config: Path | None = None, fed
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flwr_env(home), cwd=app)
-        start = time.monotonic()
-        for line in proc.stdout or []:
-            fh.write(line)
-            fh.flush()
-            if echo:
-                sys.stdout.write(line.decode(errors="replace"))
+        lines = _tee(proc, fh, log, timeout)
+        if echo:
+            for line in console_lines(lines, log_name=str(log)):
+                sys.stdout.write(line + "\n")
                 sys.stdout.flush()
-            if timeout and time.monotonic() - start > timeout:
-                proc.kill()
-                raise TimeoutError(f"flwr run exceeded {timeout:.0f}s; see {log}")
+        else:
+            for _ in lines:
+                pass
         return proc.wait()

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import tomllib
@@ -63,7 +64,8 @@ def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "
     if rounds is not None:
         overrides["num-server-rounds"] = int(rounds)
     cfg = RunConfig.from_mapping(overrides)  # fail here, with the list of keys, not inside Flower
-    checked = preflight_partition(partition, cfg, out, progress=echo)  # every cheap-to-find error, before Flower
+    # every cheap-to-find error, before Flower; a progress bar only on a terminal (in a log it is one long line)
+    checked = preflight_partition(partition, cfg, out, progress=echo and sys.stderr.isatty())
     if echo:
         print(checked.summary(), flush=True)
     home = out / ".flwr"

@@ -159,4 +159,5 @@ def main(grid: Grid, context: Context) -> None:
                                  **({"holdout_site": setup.data_info["holdout_site"]} if "holdout_site" in setup.data_info else {})},
                           arm=fedavg_arm(cfg))
     auc = report["test"]["auc"]
-    log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %s)", setup.run.report_file, auc["value"], auc["ci95"])
+    ci = auc.get("ci95") or (float("nan"), float("nan"))
+    log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %.3f-%.3f)", setup.run.report_file, auc["value"], *ci)

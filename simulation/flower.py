@@ -228,6 +228,11 @@ def write_run_config(path: Path, overrides: dict) -> Path:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RAY_PREFIX = re.compile(r"^\((?:[\w.:-]+)(?: pid=\d+)?(?:, ip=[\w.:-]+)?\)\s?")  # "(ClientAppActor pid=7) "
 _LOG_LEVEL = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")  # Flower's "ERROR :     "
+# Flower's INFO detail: empty lines, tab-indented trees (strategy banner, "Aggregated MetricRecord" dumps,
+# the "Final results" tables) and their headers; fedpd's own lines say the same per round, so the console
+# skips them (the log keeps them).
+_FLOWER_DETAIL = re.compile(r"^INFO\s*:[ ]*(?:\t.*|Final results:|Starting \w+ strategy:|Initial global evaluation "
+                            r"results: None|Global evaluation)?$")
 _PY_WARNING = re.compile(r"^(?P<where>\S.*?):(?P<line>\d+): (?P<category>[A-Za-z_]\w*Warning): (?P<message>.*)$")
 _LOG_WARNING = re.compile(r"^WARNING\s*:\s*(?P<message>.*)$")
 _TRACEBACK = "Traceback (most recent call last):"
@@ -248,6 +253,8 @@ def console_lines(lines: Iterable[str], log_name: str = "flower.log") -> Iterato
       prints under a warning is dropped.
     - A Python traceback, chained ones ("The above exception was the direct cause ...") and Ray's remote
       frames included, becomes its last ``XError: message`` line, marked with where the full text is.
+    - Flower's INFO detail (its strategy banner, the aggregated-metric dumps and "Final results" tables,
+      empty lines) is dropped: fedpd's own per-round lines carry what matters.
     - Everything else passes unchanged.
 
     Args:
@@ -290,6 +297,8 @@ def console_lines(lines: Iterable[str], log_name: str = "flower.log") -> Iterato
         if body.endswith(_TRACEBACK) or _RAY_FRAME_HEADER.match(body) or frame or (indented and _CARETS.match(text)):
             # a traceback, also one inside a logged message (an error reply's reason), which has no header
             in_traceback, after_frame, pending = True, frame, None
+            continue
+        if _FLOWER_DETAIL.match(text):
             continue
         key, short = _warning_key(text)
         if key is not None:

@@ -242,9 +242,18 @@ RAY_REASON = [
 def test_console_passes_ordinary_lines_unchanged():
     lines = [INFO + "[ROUND 1/2]", INFO + "configure_train: Sampled 3 nodes (out of 3)",
              "(ClientAppActor pid=4242) " + INFO + "site 10, round 1: trained on 12 scans (0 control, 12 PD), loss 0.65, 3.1 s",
-             INFO + "round 1: 3 site update(s) accepted", INFO + "\t└──> Aggregated MetricRecord: {'train-loss': 0.69}", ""]
+             INFO + "round 1: 3 site update(s) accepted", ""]
     assert list(console_lines(lines)) == lines
     assert list(console_lines(line + "\n" for line in lines)) == lines  # line ends as read from a pipe
+
+
+def test_console_drops_flowers_info_detail():
+    """Flower's strategy banner, metric dumps and Final results tables stay in the log only."""
+    detail = [INFO + "Starting RecordingFedAvg strategy:", INFO + "\t├── Number of rounds: 2", INFO,
+              INFO + "\t└──> Aggregated MetricRecord: {'train-loss': 0.69}", INFO + "Final results:",
+              INFO + "\t\tArrayRecord (54.797 MB)", INFO + "Initial global evaluation results: None"]
+    kept = [INFO + "[ROUND 1/2]", INFO + "round 1: val AUC 0.700, val loss 0.6000, checkpoint c.pt"]
+    assert list(console_lines(detail[:3] + kept[:1] + detail[3:] + kept[1:])) == kept
 
 
 def test_console_shows_a_repeated_warning_once_and_counts_it():

@@ -39,7 +39,11 @@ def _setup(msg: Message, context: Context):
 
 
 def _reply(msg: Message, site, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord({keys.SITE_NAME: site.name})})
+    identity = {keys.SITE_NAME: site.name}
+    qc = site.preprocessing_qc()
+    if qc is not None:  # counts only: the reasons stay in the site's qc.csv
+        identity |= {keys.QC_KEPT: qc["kept"], keys.QC_EXCLUDED: qc["excluded"]}
+    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord(identity)})
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     return Message(content, reply_to=msg)

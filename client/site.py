@@ -15,10 +15,12 @@ from typing import Any, Mapping
 import pandas as pd
 
 from common.config import RunConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.manifest import read_manifest
 
 __all__ = ["Site", "resolve_site", "NODE_CONFIG_FLAG"]
+
+QC_FILE = "qc.csv"  # written by `fedpd preprocess` beside the registered scans (common/preprocess.py)
 
 NODE_CONFIG_FLAG = "--node-config \"data-path='/path/to/site.csv' cache-dir='/path/to/cache'\""
 
@@ -33,6 +35,33 @@ class Site:
     def rows(self, split: str) -> pd.DataFrame:
         df = read_manifest(self.manifest, require_split=True)
         return df[df["split"] == split].reset_index(drop=True)
+
+    def preprocessing_qc(self) -> dict[str, int] | None:
+        """How many of this site's scans its preprocessing QC kept and excluded, or ``None``.
+
+        Read from the ``qc.csv`` that ``fedpd preprocess`` wrote beside the scans this site's manifest
+        points at (all of the site's scans, before the split: the test scans the server holds included),
+        counting the rows whose ``site`` is this site's name. ``None`` when the scans did not come from
+        ``fedpd preprocess`` or the site name is not an acquisition site (a virtual iid/dirichlet site).
+        """
+        try:
+            df = read_manifest(self.manifest, require_split=False)
+            folders = {Path(str(p)).parent for p in df["path"]}
+            if len(folders) != 1:
+                return None
+            qc_file = folders.pop() / QC_FILE
+            if not qc_file.is_file():
+                return None
+            qc = pd.read_csv(qc_file, dtype=str, keep_default_na=False)
+        except (OSError, ValueError, KeyError, DataError):
+            return None
+        if not {"site", "status"} <= set(qc.columns):
+            return None
+        mine = qc[qc["site"] == self.name]
+        if mine.empty:
+            return None
+        kept = int((mine["status"] == "ok").sum())
+        return {"kept": kept, "excluded": int(len(mine) - kept)}
 
 
 def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> Site:

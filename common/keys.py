@@ -5,7 +5,7 @@ under ``METRICS``, and its site name under ``SITE``. Nothing per-sample has a ke
 """
 
 __all__ = [
-    "ARRAYS", "CONFIG", "METRICS", "SITE", "SITE_NAME",
+    "ARRAYS", "CONFIG", "METRICS", "SITE", "SITE_NAME", "QC_KEPT", "QC_EXCLUDED",
     "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND",
     "class_count_key", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
 ]
@@ -16,6 +16,10 @@ CONFIG = "config"  # ConfigRecord: server -> site instructions (FedAvg default k
 METRICS = "metrics"  # MetricRecord: site -> server scalars
 SITE = "site"  # ConfigRecord: site -> server identity
 SITE_NAME = "site-name"  # key inside the SITE record
+# Also inside the SITE record, when the site's scans came from `fedpd preprocess`: how many of the site's
+# scans its preprocessing QC kept and excluded (counts only; the reasons stay in the site's qc.csv).
+QC_KEPT = "qc-kept"
+QC_EXCLUDED = "qc-excluded"
 
 # ConfigRecord keys
 SERVER_ROUND = "server-round"  # injected by FedAvg into every config

@@ -329,6 +329,14 @@ def _section_cohort(ctx: _Run) -> str:
            _note("Each cell: scans / subjects. 'site train' and 'site val' stay at the sites (they train and "
                  "validate locally); 'server val' chose the round and the threshold; 'server test' was evaluated "
                  "once, on the selected model. '?' = subject count not recorded.")]
+    qc = (ctx.report.get("data") or {}).get("preprocessing_qc") or {}
+    if qc:
+        qrows = [[site, str(c.get("kept", "?")), str(c.get("excluded", "?"))]
+                 for site, c in sorted(qc.items(), key=lambda kv: _site_key(kv[0]))]
+        out += [_table(["site", "scans kept by preprocessing QC", "scans excluded"], qrows, [""] * len(qrows)),
+                _note("Site-local preprocessing (fedpd preprocess: N4, affine registration to MNI152, brain mask) "
+                      "and its QC, as each site reported it: counts only, over all of the site's scans before the "
+                      "split; the reasons stay in the site's qc.csv / qc.html.")]
     ho = _holdout(ctx.report)
     if ho:
         out.append(_note(f"Held-out site {ho}: not used for training; the test rows are its scans."))

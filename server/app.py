@@ -45,6 +45,7 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
         # a site that fails before it ever answered is known by node id only; name it once a later reply did
         "failures": [f | {"site": strategy.node_sites.get(f.get("node"), f["site"])} for f in strategy.failed.get(g, [])],
         "rejected": strategy.rejected.get(g, []),
+        **({"site_qc": strategy.site_qc[g]} if strategy.site_qc.get(g) else {}),
         "val": metrics,
         "wall_seconds": time.time() - strategy.round_started.get(g, time.time()),
     }
@@ -70,6 +71,15 @@ def _site_counts(records: list[dict]) -> dict[str, dict]:
             counts[site] = {"control": int(m.get(keys.class_count_key(0), 0)), "pd": int(m.get(keys.class_count_key(1), 0)),
                             "num_examples": int(m.get(keys.NUM_EXAMPLES, 0)), "round": rec["round"]}
     return counts
+
+
+def _preprocessing_qc(records: list[dict]) -> dict:
+    """``{"preprocessing_qc": {site: {"kept": n, "excluded": m}}}`` as the sites last reported it (counts
+    only; each site's qc.csv keeps the reasons), or ``{}`` when no site's scans came from fedpd preprocess."""
+    qc: dict[str, dict] = {}
+    for rec in records:
+        qc.update(rec.get("site_qc") or {})
+    return {"preprocessing_qc": dict(sorted(qc.items()))} if qc else {}
 
 
 def _participation(records: list[dict]) -> dict[str, dict]:
@@ -154,7 +164,8 @@ def main(grid: Grid, context: Context) -> None:
     records = setup.run.read_rounds()
     _require_training(setup, records)
     report = finalize_run(setup.run, cfg, setup.rt, setup.val_rows, setup.test_rows, setup.cache_dir,
-                          extra={"data": setup.data_info | {"site_train_counts": _site_counts(records)},
+                          extra={"data": setup.data_info | {"site_train_counts": _site_counts(records)}
+                                 | _preprocessing_qc(records),
                                  "participation": _participation(records),
                                  **({"holdout_site": setup.data_info["holdout_site"]} if "holdout_site" in setup.data_info else {})},
                           arm=fedavg_arm(cfg))

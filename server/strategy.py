@@ -49,6 +49,17 @@ def _site_of(msg: Message, node: int) -> str:
     return f"node-{node}"
 
 
+def _site_qc(msg: Message) -> dict[str, int] | None:
+    """The preprocessing QC counts in a reply's site record (``None`` if absent or not two counts >= 0)."""
+    record = msg.content.config_records.get(keys.SITE)
+    if record is None:
+        return None
+    values = [record.get(k) for k in (keys.QC_KEPT, keys.QC_EXCLUDED)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return None
+    return {"kept": values[0], "excluded": values[1]}
+
+
 def _reason_line(reason) -> str:
     """One line of a site's error reason for the log: the site's own words after Flower's "Message: ", else
     the last non-empty line (a reason may hold a whole remote traceback; ``failed`` keeps all of it)."""
@@ -259,6 +270,7 @@ class RecordingFedAvg(FedAvg):
         self.eval_sites: dict[int, dict[str, dict]] = {}
         self.failed: dict[int, list[dict]] = {}
         self.rejected: dict[int, list[dict]] = {}
+        self.site_qc: dict[int, dict[str, dict[str, int]]] = {}  # global round -> site -> preprocessing QC counts
         self.node_sites: dict[int, str] = {}
         self.reference: dict[int, dict[str, tuple[int, ...]]] = {}  # global round -> key -> shape sent
         self._outbox: list[Message] = []  # this phase's instructions; Flower sets their message ids when pushing
@@ -335,6 +347,9 @@ class RecordingFedAvg(FedAvg):
                 continue
             site = _site_of(msg, node)
             self.node_sites[node] = site
+            qc = _site_qc(msg)
+            if qc is not None:
+                self.site_qc.setdefault(g, {})[site] = qc
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
             sites[site] = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}
         into[g] = sites

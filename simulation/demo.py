@@ -1,4 +1,9 @@
-"""``make demo``: phantom cohort -> ingest -> split -> partition -> 3-site federated simulation -> report.
+"""``make demo``: phantom cohort -> ingest -> preprocess -> split -> partition -> 3-site federated simulation -> report.
+
+The phantom is written in scanner ("native") space, like a real download: every scan goes through the
+site-local preprocessing (N4, affine registration to MNI152, brain mask, QC) before the split. Two arms
+for comparison (EXPERIMENTS.md): ``--space mni`` (a phantom already on the template grid, no preprocessing)
+and ``--no-preprocess`` (native scans straight into the training pipeline).
 
 Everything goes into one folder (default ``runs/demo``), which the demo owns: a re-run replaces it
 (only if it carries the demo's marker file, so it never deletes a folder it did not make).
@@ -19,6 +24,7 @@ MARKER = ".fedpd-demo"
 # Sized so the whole demo (after `make setup`) finishes well inside 20 minutes on 2 CPU cores.
 DEMO = {"subjects": 120, "sites": 3, "shape": 48, "effect": 1.0, "seed": 0, "rounds": 8}
 DEMO_RUN_CONFIG = "input-shape='48,48,48' spacing='4.0,4.0,4.0' batch-size=8 local-epochs=2 lr=0.0001"
+DEMO_TEMPLATE_MM = 2  # preprocessing registers to the 2 mm MNI152 template (the training input is 4 mm)
 
 
 def _num(v) -> str:
@@ -41,13 +47,14 @@ def _step(title: str) -> float:
 
 
 def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["rounds"], subjects: int = DEMO["subjects"],
-             seed: int = DEMO["seed"]) -> dict:
+             seed: int = DEMO["seed"], space: str = "native", preprocess: bool = True) -> dict:
     """Run the whole demo into ``out``; returns the report dict.
 
     ``seed`` drives everything random: the phantom cohort, the subject split, the partition and the run
     (initialisation, sampling, augmentation, dropout), so two demos with one seed give one result.
     """
     from common.ingest import ingest
+    from common.preprocess import preprocess_manifest
     from common.splits import partition_manifest, split_manifest
     from simulation.phantom import generate_phantom
     from simulation.simulate import simulate
@@ -62,25 +69,36 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
     data = out / "data"
     t0 = time.perf_counter()
 
-    t = _step("1/5 phantom cohort (synthetic, never a clinical result)")
+    preprocess = preprocess and space == "native"
+    steps = 6 if preprocess else 5
+    step = iter(range(1, steps + 1))
+    t = _step(f"{next(step)}/{steps} phantom cohort in {space} space (synthetic, never a clinical result)")
     generate_phantom(data / "download", subjects=subjects, sites=DEMO["sites"], shape=DEMO["shape"],
-                     effect=DEMO["effect"], seed=seed)
+                     effect=DEMO["effect"], seed=seed, space=space)
     print(f"({time.perf_counter() - t:.1f}s)")
 
-    t = _step("2/5 ingest")
+    t = _step(f"{next(step)}/{steps} ingest")
     ingest(data / "download", csv=data / "download" / "idaSearch.csv", sites_csv=data / "download" / "centres.csv",
            out=data / "manifest.csv")
+    manifest = data / "manifest.csv"
     print(f"({time.perf_counter() - t:.1f}s)")
 
-    t = _step("3/5 subject-level split")
-    split_manifest(data / "manifest.csv", val=0.2, test=0.25, seed=seed)
+    if preprocess:
+        t = _step(f"{next(step)}/{steps} site-local preprocessing: N4, affine registration to MNI152 "
+                  f"({DEMO_TEMPLATE_MM} mm), brain mask, QC")
+        preprocess_manifest(manifest, data / "preprocessed", template_mm=DEMO_TEMPLATE_MM)
+        manifest = data / "preprocessed" / "manifest.csv"
+        print(f"({time.perf_counter() - t:.1f}s)")
+
+    t = _step(f"{next(step)}/{steps} subject-level split")
+    split_manifest(manifest, val=0.2, test=0.25, seed=seed)
     print(f"({time.perf_counter() - t:.1f}s)")
 
-    t = _step("4/5 partition by acquisition site")
-    partition_manifest(data / "manifest.csv", scheme="natural", out=data / "partition", seed=seed)
+    t = _step(f"{next(step)}/{steps} partition by acquisition site")
+    partition_manifest(manifest, scheme="natural", out=data / "partition", seed=seed)
     print(f"({time.perf_counter() - t:.1f}s)")
 
-    t = _step(f"5/5 federated simulation: {DEMO['sites']} sites, {rounds} rounds, Med3D resnet_10 "
+    t = _step(f"{next(step)}/{steps} federated simulation: {DEMO['sites']} sites, {rounds} rounds, Med3D resnet_10 "
               + ("(MedicalNet weights)" if pretrained else "(from scratch)"))
     run_config = DEMO_RUN_CONFIG + f" seed={seed}" + (f" pretrained-path='{Path(pretrained).resolve()}'" if pretrained else "")
     report = simulate(data / "partition", rounds, out, run_config=run_config)
@@ -99,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=DEMO["rounds"])
     p.add_argument("--subjects", type=int, default=DEMO["subjects"])
     p.add_argument("--seed", type=int, default=DEMO["seed"], help="phantom, split, partition and run seed")
+    p.add_argument("--space", choices=("native", "mni"), default="native",
+                   help="phantom space: native (scanner space, preprocessed before training) or mni (template grid)")
+    p.add_argument("--no-preprocess", action="store_true",
+                   help="comparison arm: native scans straight into the training pipeline, without preprocessing")
     a = p.parse_args(argv)
     try:
-        run_demo(a.out, a.pretrained, a.rounds, a.subjects, a.seed)
+        run_demo(a.out, a.pretrained, a.rounds, a.subjects, a.seed, space=a.space, preprocess=not a.no_preprocess)
     except FedpdError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2

@@ -36,9 +36,9 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import DataError
-from common.ingest import (SCAN_CHECK_CACHE, UNKNOWN_SITE, _backup, _check_outputs, _check_writable,
-                           _report_failures, _same, _summary)
-from common.manifest import validate_manifest, write_manifest
+from common.ingest import (SCAN_CHECK_CACHE, UNKNOWN_SITE, _check_outputs, _check_writable, _report_failures, _same,
+                           write_ingested)
+from common.manifest import validate_manifest
 from common.scans import check_scans
 
 __all__ = ["ingest_bids", "PARTICIPANTS", "BIDS_SOURCE"]
@@ -226,18 +226,7 @@ def ingest_bids(bids_dir, out, *, diagnosis_column: str = "group", pd_values=("P
         raise DataError(f"{root}: no usable T1w scan of a PD/control participant ({len(failed)} failed"
                         f"{', see the table above' if failed else ''}); nothing written to {out}.")
     validate_manifest(rows, tsv)
-    backup = _backup(out) if force and out.is_file() else None
-    write_manifest(rows, out)
-    if backup is not None:
-        print(f"ingest: replaced {out} (--force); the previous file is kept as {backup} (a split column it had is "
-              "not carried over: run fedpd split again)")
-    _summary(rows, out)
-    if failed:
-        _report_failures(failed)
-        raise DataError(f"{len(failed)} scan(s) could not be ingested: {_listing([i for i, _ in failed], 20)} (reasons "
-                        f"in the table above). {out} holds the {len(rows)} good scans; fix or remove the failed files "
-                        "and re-run with --force.")
-    return rows
+    return write_ingested(rows, out, force, failed, None, "fix or remove the failed files and re-run with --force")
 
 
 def _value(v):

@@ -430,9 +430,20 @@ def _ingest(download: Path, csv: Path, sites_csv: Path | None, out: Path, cache:
         raise DataError(f"{csv}: no usable PD/control scan ({len(failed)} failed, see the table above); nothing "
                         f"written to {out}.")
     validate_manifest(df, csv)
+    return write_ingested(df, out, force, failed, state,
+                          f"converted series stay cached in {cache}; fix or drop the failed rows in the CSV and re-run "
+                          "with --force (nothing is converted twice)")
+
+
+def write_ingested(df: pd.DataFrame, out: Path, force: bool, failed: list[tuple[str, str]], state: dict | None,
+                   fix: str) -> pd.DataFrame:
+    """Write the manifest of the good scans (keeping an old ``out`` as a backup under ``force``), print its
+    summary, then the failed scans' table and a :class:`DataError` naming them, with ``fix`` as the advice.
+    Shared by IDA and BIDS ingestion."""
     backup = _backup(out) if force and out.is_file() else None
     write_manifest(df, out)
-    state["written"] = True
+    if state is not None:
+        state["written"] = True
     if backup is not None:
         print(f"ingest: replaced {out} (--force); the previous file is kept as {backup} (a split column it had is "
               "not carried over: run fedpd split again)")
@@ -441,8 +452,7 @@ def _ingest(download: Path, csv: Path, sites_csv: Path | None, out: Path, cache:
         _report_failures(failed)
         ids = ", ".join(i for i, _ in failed[:20]) + (f" and {len(failed) - 20} more" if len(failed) > 20 else "")
         raise DataError(f"{len(failed)} scan(s) could not be ingested: {ids} (reasons in the table above). "
-                        f"{out} holds the {len(df)} good scans and converted series stay cached in {cache}; fix or "
-                        "drop the failed rows in the CSV and re-run with --force (nothing is converted twice).")
+                        f"{out} holds the {len(df)} good scans; {fix}.")
     return df
 
 

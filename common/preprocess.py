@@ -79,7 +79,7 @@ PREPROCESS_VERSION = 1        # bump when a step changes: invalidates every cach
 DEFAULT_TEMPLATE_MM = 2       # template voxel size (mm); 1 = full resolution, ~4x slower
 DEFAULT_QC_THRESHOLD = 0.7    # min correlation with the template in the brain mask (module docstring)
 REGISTRATION_MARGIN_MM = 8.0  # the metric sees the template brain mask dilated by this much
-N4_VOXEL_MM = 4.0             # N4 works on a copy shrunk to about this voxel size
+N4_VOXEL_MM = 6.0             # N4 works on a copy shrunk to about this voxel size
 MIN_EXTENT_MM = 60.0          # a scan covering less along any axis is no whole-head T1
 SEED = 1                      # metric sampling seed (fixed: results are reproducible)
 _QC_COLUMNS = ["image_id", "subject_id", "site", "status", "reason", "correlation", "brain_in_fov", "scale",

@@ -105,7 +105,10 @@ _PAD_MM, _NECK_PAD_MM = 24.0, 110.0  # head grid beyond the MNI grid: every side
 NATIVE_DIRECTION = ("mni_to_native: x_native = M @ [x_mni, y_mni, z_mni, 1], both in RAS mm; x_mni in the world "
                     "of the MNI152 template (= the space=\"mni\" rendering of the same seed, which already holds the "
                     "subject's anatomy and a ~1 deg/1 mm visit jitter), x_native in the scan's world (its NIfTI "
-                    "affine; for a DICOM series, the affine dicom2nifti gives it)")
+                    "affine; for a DICOM series, the affine dicom2nifti gives it). template_to_native: the same for "
+                    "x_tmpl in the world of the unwarped template: the subject's linear anatomy (scale) and visit "
+                    "jitter undone, then the pose; what a 12-parameter registration to the template should find, "
+                    "up to the subject's smooth non-linear field")
 
 
 def _rng(seed: int, stream: str, *keys: int) -> np.random.Generator:
@@ -268,7 +271,7 @@ def _anatomy(seed: int, subject: dict, basis: np.ndarray, voxel: float) -> dict:
 def _render(tpl: _Templates, volumes: tuple, site: dict, subject: dict, anatomy: dict, scan: dict, effect: float,
             seed: int) -> np.ndarray:
     """One scan as float32 (S,S,S) in MNI space: :func:`_brain`, then the site's scanner profile."""
-    img, r = _brain(tpl, volumes, site, subject, anatomy, scan, effect, seed)
+    img, r, _ = _brain(tpl, volumes, site, subject, anatomy, scan, effect, seed)
     bias = np.exp(_smooth(site["bias"] + _coefficients(r, 1, 0.03), tpl.basis)[0])
     img *= bias * np.float32(1000.0 * site["scale"] * math.exp(r.normal(0, 0.02)))
     img = ndimage.gaussian_filter(img, site["blur"])
@@ -304,7 +307,11 @@ def _brain(tpl: _Templates, volumes: tuple, site: dict, subject: dict, anatomy: 
     if pd:
         darken = np.float32(min(PD_DARKEN * pd, DARKEN_CAP))
         img -= darken * ndimage.map_coordinates(deep, p, order=1, mode="constant", cval=0.0, output=np.float32)
-    return np.clip(img, 0, None) ** np.float32(site["gamma"] * anatomy["gamma"]), r
+    # the linear part of the warp, template voxel = linear @ [brain voxel, 1] (the smooth field u aside)
+    linear = np.eye(4)
+    linear[:3, :3] = m
+    linear[:3, 3] = centre + shift - m @ np.full(3, centre)
+    return np.clip(img, 0, None) ** np.float32(site["gamma"] * anatomy["gamma"]), r, linear
 
 
 # ----------------------------------------------------------------------------------------- native space
@@ -373,8 +380,12 @@ def _render_native(tpl: _Templates, head: _Head, volumes: tuple, site: dict, sub
     """One scan in scanner space: the MNI-space brain of :func:`_brain` (PD applied there), a head around it,
     moved into the native grid by the scan's pose (:func:`_pose`); then bias, blur and Rician noise on that grid."""
     voxel = float(tpl.affine[0, 0])
-    brain, r = _brain(tpl, volumes, site, subject, anatomy, scan, effect, seed)
+    brain, r, linear = _brain(tpl, volumes, site, subject, anatomy, scan, effect, seed)
     pose = _pose(seed, subject, scan, head, voxel)
+    # template world -> this scan's world: what an affine registration to the template should find (the
+    # subject's smooth non-linear field aside): the brain's linear warp undone, then the head pose
+    to_template = tpl.affine @ linear @ np.linalg.inv(tpl.affine)  # subject-MNI mm -> template mm
+    pose["template_to_native"] = pose["mni_to_native"] @ np.linalg.inv(to_template)
     m = np.linalg.inv(head.affine) @ np.linalg.inv(pose["mni_to_native"]) @ pose["affine"]
     img = ndimage.affine_transform(_head_image(head, brain, voxel), m[:3, :3], offset=m[:3, 3],
                                    output_shape=pose["shape"], order=1, mode="constant", cval=0.0, output=np.float32)
@@ -641,7 +652,9 @@ def generate_phantom(out, subjects: int = 120, sites: int = 3, shape: int = 64, 
     marker.update(complete=True, summary={k: v for k, v in summary.items() if k != "out"})  # bytes: no paths
     if native:
         marker["native"] = {"direction": NATIVE_DIRECTION, "scans": {
-            iid: {"mni_to_native": np.round(pose["mni_to_native"], 6).tolist(), "orientation": pose["orientation"],
+            iid: {"mni_to_native": np.round(pose["mni_to_native"], 6).tolist(),
+                  "template_to_native": np.round(pose["template_to_native"], 6).tolist(),
+                  "orientation": pose["orientation"],
                   "voxel_mm": pose["voxel_mm"], "shape": list(pose["shape"])} for iid, pose in sorted(poses.items())}}
     _write_atomic(out / MARKER, json.dumps(marker, indent=2).encode())
     summary.setdefault("space", space)

@@ -157,3 +157,20 @@ def test_one_scan_twice_and_a_missing_site(bids, tmp_path, capsys):
     assert "1 subject(s) have site 'unknown' (no 'site' value in participants.tsv): sub-PPMI3001" in err
     df = read_manifest(tmp_path / "manifest.csv")
     assert "sub-PPMI3002" not in set(df["subject_id"]) and set(df.loc[df["label"] == 1, "site"]) == {"unknown"}
+
+
+def test_cli_reads_bids_and_refuses_mixed_inputs(bids, tmp_path, capsys):
+    from simulation.cli import main
+
+    out = tmp_path / "m" / "manifest.csv"
+    out.parent.mkdir()
+    code = main(["ingest", "--bids", str(bids), "--out", str(out), "--diagnosis-column", "group", "--pd-values", "PD",
+                 "--control-values", "Control,HC", "--site-column", "site"])
+    text = capsys.readouterr()
+    assert "Traceback" not in text.out + text.err
+    df = read_manifest(out)
+    assert code == 0 and len(df) == 4 and set(df["source"]) == {"bids"}
+    assert main(["ingest", "--bids", str(bids), "--csv", "x.csv", "--out", str(tmp_path / "o.csv")]) == 2
+    assert "leave out DOWNLOAD, --csv" in capsys.readouterr().err
+    assert main(["ingest", "--out", str(tmp_path / "o.csv")]) == 2
+    assert "or --bids DIR" in capsys.readouterr().err

@@ -212,3 +212,46 @@ def test_refuses_outputs_that_could_overwrite_input(tmp_path):
     with pytest.raises(DataError, match=r"1 scan file\(s\) not found"):
         preprocess_manifest(raw / "manifest.csv", tmp_path / "new", template_mm=MM, progress=False)
     assert not (tmp_path / "new").exists()  # refused before anything was written
+
+
+def test_cli_killed_midway_loses_nothing_done(cohort, tmp_path):
+    """`fedpd preprocess` SIGKILLed after its first scan: the re-run takes the finished scans from the cache
+    and processes only the rest; a run where QC excluded every scan exits 2 naming qc.csv."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = cohort[0]
+    root = tmp_path / "raw"
+    shutil.copytree(raw, root)
+    rows = pd.read_csv(root / "manifest.csv")
+    good = rows[rows["image_id"].str.startswith("GOOD")]
+    extra = pd.concat([good.assign(image_id=good["image_id"] + f"X{k}", subject_id=good["subject_id"] + f"X{k}")
+                       for k in range(3)])  # more scans, so the kill lands mid-way
+    pd.concat([good, extra]).to_csv(root / "manifest.csv", index=False)
+    out = tmp_path / "mni"
+    cmd = [sys.executable, "-m", "simulation.cli", "preprocess", str(root / "manifest.csv"), "--out", str(out),
+           "--template-mm", str(MM), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "cache").glob("*.json")):
+            assert proc.poll() is None, "preprocess ended before its first scan was cached"
+            assert time.monotonic() < deadline, "no scan finished"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    done = {p.stem for p in (out / "cache").glob("*.json")}
+    assert 1 <= len(done) < 8 and not (out / "manifest.csv").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    counts = json.loads((out / "preprocess.json").read_text())["counts"]
+    assert counts["cached"] == len(done) and counts["computed"] == 8 - len(done) and counts["ok"] == 8
+    assert len(read_manifest(out / "manifest.csv")) == 8 and "Traceback" not in again.stderr
+
+    strict = subprocess.run(cmd[:-4] + ["--out", str(tmp_path / "strict"), "--template-mm", str(MM), "--workers", "1",
+                                        "--qc-threshold", "0.999"], capture_output=True, text=True, timeout=600)
+    assert strict.returncode == 2 and "excluded every scan" in strict.stderr and "qc.csv" in strict.stderr

@@ -1,6 +1,7 @@
 """``fedpd ingest``: IDA CSV + image tree (NIfTI and DICOM) -> manifest; caching; every error path."""
 
 import os
+from pathlib import Path
 import re
 
 import nibabel as nib
@@ -175,9 +176,13 @@ def test_unwritable_output_is_reported_before_converting(tmp_path):
     assert str(tmp_path / "file.txt") in msg and "not writable" in msg and "Nothing was converted" in msg
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_output_folder(tmp_path):
     download, csv, _, _ = _run(tmp_path, scans=COHORT[:3])
+    if os.geteuid() == 0:  # root ignores chmod; /sys refuses new files even to root
+        assert Path("/sys").is_dir(), "running as root without /sys: no unwritable folder to test with"
+        with pytest.raises(DataError, match="not writable"):
+            ingest(download, csv=csv, out=Path("/sys") / "manifest.csv")
+        return
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

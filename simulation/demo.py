@@ -54,7 +54,8 @@ def _step(title: str) -> float:
 
 
 def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["rounds"], subjects: int = DEMO["subjects"],
-             seed: int = DEMO["seed"], space: str = "native", preprocess: bool = True) -> dict:
+             seed: int = DEMO["seed"], space: str = "native", preprocess: bool = True,
+             effect: float = DEMO["effect"]) -> dict:
     """Run the whole demo into ``out``; returns the report dict.
 
     ``seed`` drives everything random: the phantom cohort, the subject split, the partition and the run
@@ -81,7 +82,7 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
     step = iter(range(1, steps + 1))
     t = _step(f"{next(step)}/{steps} phantom cohort in {space} space (synthetic, never a clinical result)")
     generate_phantom(data / "download", subjects=subjects, sites=DEMO["sites"], shape=DEMO["shape"],
-                     effect=DEMO["effect"], seed=seed, space=space)
+                     effect=effect, seed=seed, space=space)
     print(f"({time.perf_counter() - t:.1f}s)")
 
     t = _step(f"{next(step)}/{steps} ingest")
@@ -131,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="phantom space: native (scanner space, preprocessed before training) or mni (template grid)")
     p.add_argument("--no-preprocess", action="store_true",
                    help="comparison arm: native scans straight into the training pipeline, without preprocessing")
+    p.add_argument("--effect", type=float, default=DEMO["effect"],
+                   help="PD effect size of the phantom; 0 is the negative control (nothing to learn: test AUC "
+                        "should be near 0.5)")
     a = p.parse_args(argv)
     try:
-        run_demo(a.out, a.pretrained, a.rounds, a.subjects, a.seed, space=a.space, preprocess=not a.no_preprocess)
+        run_demo(a.out, a.pretrained, a.rounds, a.subjects, a.seed, space=a.space, preprocess=not a.no_preprocess,
+                 effect=a.effect)
     except FedpdError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2

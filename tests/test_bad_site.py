@@ -49,8 +49,8 @@ def bad_app(folder: Path) -> Path:
 
 
 def test_bad_site_update_is_rejected_and_the_rest_aggregated(partition, tmp_path):
-    """3 sites, 1 round; one site's ClientApp trains normally and then sends a weight that is NaN."""
-    out, names = tmp_path / "run", site_names(partition)
+    """2 sites, 1 round; one site's ClientApp trains normally and then sends a weight that is NaN."""
+    out, names = tmp_path / "run", site_names(partition)[:2]
     bad = names[0]
     procs = []
     try:
@@ -60,7 +60,7 @@ def test_bad_site_update_is_rejected_and_the_rest_aggregated(partition, tmp_path
         home = tmp_path / "cli"
         write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
         cfg = write_run_config(tmp_path / "rc.toml", SMALL | {
-            "num-server-rounds": 1, "min-nodes": 3, "server-manifest": str(partition / "server.csv"), "out-dir": str(out)})
+            "num-server-rounds": 1, "min-nodes": 2, "server-manifest": str(partition / "server.csv"), "out-dir": str(out)})
         # one round and nothing measured before it: a generous overall limit (flwr run returns when the run ends);
         # the app's round-timeout (3600 s) never fires, as every site replies
         code = flwr_run(home, "deploy", run_config=cfg, log=tmp_path / "flwr-run.log", timeout=RUN_LIMIT,

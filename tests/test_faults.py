@@ -1,12 +1,14 @@
-"""Faults on real Flower processes on 127.0.0.1 (SuperLink, SuperNodes, ServerApp, ClientApps):
+"""Faults on real Flower processes on 127.0.0.1 (SuperLink, SuperNodes, ServerApp, ClientApps), in one
+deployment that meets them one after the other, as a federation would:
 
-- 3 sites, each a real SuperNode with its own ``--node-config`` data-path/cache-dir: all 3 train round 1
-  (the plain deployment path, with the full report checked), then one SuperNode is SIGKILLed while it
-  trains in round 2: once it has missed its heartbeats the SuperLink answers for it with a "Node
-  Unavailable" error, the run finishes with the other sites, and ``rounds.jsonl`` and ``report.json`` name
-  the missing site in that round;
-- the SuperLink (with its ServerApp) SIGKILLed after round 1: restarted on the same port and
-  ``--database``, a ``flwr run`` with ``resume=true`` runs round 2 only, rounds 1..k unchanged.
+- 3 sites, each a real SuperNode with its own ``--node-config`` data-path/cache-dir, all 3 train round 1
+  (the plain deployment path);
+- one SuperNode is SIGKILLed while it trains in round 2: once it has missed its heartbeats the SuperLink
+  answers for it with a "Node Unavailable" error, round 2 finishes with the other sites, and
+  ``rounds.jsonl`` names the missing site in that round (from its round-1 reply, not a node id);
+- the SuperLink (with its ServerApp) is SIGKILLed once round 2 is checkpointed: restarted on the same port
+  and ``--database``, a ``flwr run`` with ``resume=true`` runs round 3 only with the two live sites, rounds
+  1..2 unchanged, and the report covers all three rounds (the full report checked).
 
 Every process gets free ports and its own FLWR_HOME and is stopped by PID in ``finally``. No wait is a
 fixed sleep or a constant sized for one machine: each polls for its event, and those that span rounds are a
@@ -56,44 +58,55 @@ def _flwr_run_background(home: Path, run_config: Path, log: Path) -> subprocess.
                                 stdout=fh, stderr=subprocess.STDOUT, env=flwr_env(home), cwd=APP_DIR)
 
 
-def test_supernode_killed_mid_round(partition, tmp_path):
-    """3 sites, min-nodes=2: one SuperNode (and its ClientApp) is SIGKILLed while it trains in round 2."""
+def test_site_killed_mid_round_then_superlink_killed_and_resumed(partition, tmp_path):
+    """3 sites, 3 rounds, min-nodes=2. A SuperNode is SIGKILLed while it trains in round 2; the SuperLink and
+    its ServerApp are SIGKILLed once round 2 is checkpointed, restarted on the same port and --database, and
+    `flwr run` with resume=true runs round 3 only and writes the report."""
     out, names = tmp_path / "run", site_names(partition)
     victim = names[1]
+    others = [n for n in names if n != victim]
+    db, port = tmp_path / "link" / "state.db", free_port()
     procs: list[Proc] = []
     cli = None
     try:
-        link = start_superlink(tmp_path / "link")
+        link = start_superlink(tmp_path / "link", port=port, database=db)
         procs.append(link)
         sites = start_sites(partition, tmp_path, link, names)
         procs += sites.values()
         home = tmp_path / "cli"
-        write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
-        cfg = write_run_config(tmp_path / "rc.toml", SMALL | {
-            "num-server-rounds": 2, "min-nodes": 2, "round-timeout": ROUND_TIMEOUT,
-            "server-manifest": str(partition / "server.csv"), "out-dir": str(out)})
-        cli = _flwr_run_background(home, cfg, tmp_path / "flwr-run.log")
+        write_connections(home, {"deploy": {"address": f"127.0.0.1:{port}", "insecure": True}})
+        overrides = SMALL | {"num-server-rounds": 3, "min-nodes": 2, "round-timeout": ROUND_TIMEOUT,
+                             "server-manifest": str(partition / "server.csv"), "out-dir": str(out)}
+        started = time.monotonic()
+        cli = _flwr_run_background(home, write_run_config(tmp_path / "rc.toml", overrides), tmp_path / "flwr-run-1.log")
 
+        # --- a site dies in round 2
         wait_until(lambda: len(rounds(out)) >= 1, "round 1", RUN_LIMIT, procs)
+        first = time.monotonic() - started  # start-up + round 1: the resumed run is start-up + round 3 + report
         round_1 = slowest_round(out)  # the waits below scale with it
         before = clientapps(sites[victim])  # a round-1 evaluate ClientApp may still be exiting
         wait_until(lambda: clientapps(sites[victim]) - before, f"site {victim}'s round-2 ClientApp",
                    round_limit(round_1, floor=120), procs)
         kill_tree(sites[victim])
+        live = [link] + [sites[n] for n in others]
 
-        # round 2 (its healthy sites, then the victim's heartbeat expiry) and the report
-        code = cli.wait(timeout=HEARTBEAT_EXPIRY + round_limit(round_1, rounds=2, floor=400))
-        log = (tmp_path / "flwr-run.log").read_text()
-        assert code == 0, log[-3000:]
+        # --- round 2 ends (its healthy sites, then the victim's heartbeat expiry); then the SuperLink dies
+        wait_until(lambda: (out / "checkpoints" / "round-2.pt").is_file(), "round 2's checkpoint",
+                   HEARTBEAT_EXPIRY + round_limit(round_1, floor=400), live)
+        serverapps = {p for p in _tree(link.pid)[0] if "flwr-serverapp" in cmdline(p)}
+        assert serverapps, "no flwr-serverapp under the SuperLink"
+        kill_tree(link)
+        wait_until(lambda: not any("flwr-serverapp" in cmdline(p) for p in serverapps), "the ServerApp to die",
+                   PROCESS_LIMIT)
+        cli.wait(timeout=PROCESS_LIMIT)  # the streaming CLI has lost its SuperLink
 
-        others = [n for n in names if n != victim]
         recs = rounds(out)
-        assert [r["round"] for r in recs] == [1, 2]
+        assert [r["round"] for r in recs] == [1, 2] and not (out / "report.json").exists()
+        assert RunDir(out).saved_rounds() == [1, 2]
         assert sorted(recs[0]["sites"]) == names and recs[0]["missing_sites"] == []  # all 3 sites trained round 1
         assert recs[0]["failures"] == [] and recs[0]["rejected"] == []
         assert recs[0]["num_examples"] == sum(s["num-examples"] for s in recs[0]["sites"].values())
         assert all(s["num-examples"] > 0 for s in recs[0]["sites"].values())
-        assert all(0.0 <= r["val"]["auc"] <= 1.0 for r in recs)
         assert sorted(recs[1]["sites"]) == others
         assert recs[1]["missing_sites"] == [victim]  # named from its round-1 reply, not a node id
         assert recs[1]["num_examples"] == sum(recs[1]["sites"][n]["num-examples"] for n in others)
@@ -102,20 +115,38 @@ def test_supernode_killed_mid_round(partition, tmp_path):
         assert [(f["site"], f["phase"]) for f in recs[1]["failures"]] == [(victim, "train")], recs[1]["failures"]
         assert "Node Unavailable" in recs[1]["failures"][0]["reason"], recs[1]["failures"]
         assert sorted(recs[1]["site_eval"]) == others
-        for k in (1, 2):
+
+        # --- restart on the same address and database: the live SuperNodes reconnect; resume runs round 3
+        procs.remove(link)
+        link = start_superlink(tmp_path / "link", port=port, database=db)
+        procs.append(link)
+        code = flwr_run(home, "deploy", run_config=write_run_config(tmp_path / "rc2.toml", overrides | {"resume": True}),
+                        log=tmp_path / "flwr-run-2.log", timeout=round_limit(first, floor=400))
+        log = (tmp_path / "flwr-run-2.log").read_text()
+        assert code == 0, log[-3000:]
+        assert "from round 3" in log
+
+        after = rounds(out)
+        assert [r["round"] for r in after] == [1, 2, 3]
+        assert after[:2] == recs  # nothing of the first run was lost or rewritten
+        assert sorted(after[2]["sites"]) == others and after[2]["failures"] == [] and after[2]["rejected"] == []
+        assert all(0.0 <= r["val"]["auc"] <= 1.0 for r in after)
+        for k in (1, 2, 3):
             assert (out / "checkpoints" / f"round-{k}.pt").is_file()
 
         report = json.loads((out / "report.json").read_text())
         part = report["participation"]
+        assert sorted(part) == ["1", "2", "3"]
         assert part["1"]["trained"] == names and part["1"]["missing"] == []
         assert part["2"]["trained"] == others and part["2"]["missing"] == [victim]
-        assert report["rounds"] == 2 and 1 <= report["selected_round"] <= 2
+        assert part["3"]["trained"] == others
+        assert report["rounds"] == 3 and 1 <= report["selected_round"] <= 3
         assert report["data"]["source"] == "phantom"
         assert set(report["test"]["auc"]) >= {"value", "ci95"}
         assert set(report["test_per_site"]) <= set(names)
-        counts = report["data"]["site_train_counts"]  # the victim's from round 1, the others' from round 2
+        counts = report["data"]["site_train_counts"]  # the victim's from round 1, the others' from round 3
         assert sorted(counts) == names and all(c["pd"] + c["control"] == c["num_examples"] > 0 for c in counts.values())
-        assert counts[victim]["round"] == 1 and all(counts[n]["round"] == 2 for n in others)
+        assert counts[victim]["round"] == 1 and all(counts[n]["round"] == 3 for n in others)
         assert report["data"]["server_split_audit"]["subjects_shared_across_splits"] == 0
         ls = subprocess.run([str(BIN / "flwr"), "ls", "deploy", "--format", "json"], env=flwr_env(home),
                             capture_output=True, text=True, timeout=PROCESS_LIMIT)
@@ -129,61 +160,3 @@ def test_supernode_killed_mid_round(partition, tmp_path):
         for p in reversed(procs):
             stop(p)
     assert all(p.popen.poll() is not None for p in procs)  # stop() ended every process it was given
-
-
-def test_superlink_killed_after_round_then_resumed(partition, tmp_path):
-    """2 sites, 2 rounds. SuperLink + ServerApp SIGKILLed once round 1 is checkpointed; restarted on the same
-    port and --database; `flwr run` with resume=true runs round 2 only and writes the report."""
-    out, names = tmp_path / "run", site_names(partition)[:2]
-    db, port = tmp_path / "link" / "state.db", free_port()
-    procs: list[Proc] = []
-    cli = None
-    try:
-        link = start_superlink(tmp_path / "link", port=port, database=db)
-        procs.append(link)
-        procs += start_sites(partition, tmp_path, link, names).values()
-        home = tmp_path / "cli"
-        write_connections(home, {"deploy": {"address": f"127.0.0.1:{port}", "insecure": True}})
-        overrides = SMALL | {"num-server-rounds": 2, "min-nodes": 2, "round-timeout": ROUND_TIMEOUT,
-                             "server-manifest": str(partition / "server.csv"), "out-dir": str(out)}
-        started = time.monotonic()
-        cli = _flwr_run_background(home, write_run_config(tmp_path / "rc.toml", overrides), tmp_path / "flwr-run-1.log")
-        wait_until(lambda: (out / "checkpoints" / "round-1.pt").is_file(), "round 1's checkpoint", RUN_LIMIT, procs)
-        first = time.monotonic() - started  # start-up + round 1: the resumed run is start-up + round 2 + report
-        serverapps = {p for p in _tree(link.pid)[0] if "flwr-serverapp" in cmdline(p)}
-        assert serverapps, "no flwr-serverapp under the SuperLink"
-        kill_tree(link)
-        wait_until(lambda: not any("flwr-serverapp" in cmdline(p) for p in serverapps), "the ServerApp to die",
-                   PROCESS_LIMIT)
-        cli.wait(timeout=PROCESS_LIMIT)  # the streaming CLI has lost its SuperLink
-
-        saved = RunDir(out).saved_rounds()
-        before = [r for r in rounds(out) if r["round"] <= saved[-1]]
-        assert saved[-1] == len(before) >= 1 and not (out / "report.json").exists()
-
-        link = start_superlink(tmp_path / "link", port=port, database=db)  # same address: the SuperNodes reconnect
-        procs.append(link)
-        code = flwr_run(home, "deploy", run_config=write_run_config(tmp_path / "rc2.toml", overrides | {"resume": True}),
-                        log=tmp_path / "flwr-run-2.log", timeout=round_limit(first, floor=400))
-        log = (tmp_path / "flwr-run-2.log").read_text()
-        assert code == 0, log[-3000:]
-        assert f"from round {saved[-1] + 1}" in log
-
-        recs = rounds(out)
-        assert [r["round"] for r in recs] == [1, 2]
-        assert recs[: len(before)] == before  # nothing of the first run was lost or rewritten
-        for r in recs:
-            assert sorted(r["sites"]) == names and r["missing_sites"] == []
-        for k in (1, 2):
-            assert (out / "checkpoints" / f"round-{k}.pt").is_file()
-        report = json.loads((out / "report.json").read_text())
-        assert report["rounds"] == 2 and 1 <= report["selected_round"] <= 2
-        assert sorted(report["participation"]) == ["1", "2"]
-        ls = subprocess.run([str(BIN / "flwr"), "ls", "deploy", "--format", "json"], env=flwr_env(home),
-                            capture_output=True, text=True, timeout=PROCESS_LIMIT)
-        assert "finished:completed" in ls.stdout, ls.stdout + ls.stderr
-    finally:
-        if cli is not None and cli.poll() is None:
-            cli.kill()
-        for p in reversed(procs):
-            stop(p)

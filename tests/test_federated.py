@@ -3,7 +3,8 @@ kill. Deployments with real SuperLinks and SuperNodes are in test_deploy.py (2 s
 authentication, from the kits), test_faults.py (3 sites, insecure; faults) and test_bad_site.py.
 
 Every process is started on free ports with its own FLWR_HOME and stopped by PID in ``finally``.
-The cohort is the phantom at 32^3 through the real ingest/split/partition path.
+The cohort is deploy_helpers.make_cohort (phantom at 32^3 through the real ingest/split/partition path), the
+network input 16^3.
 """
 
 from __future__ import annotations
@@ -18,26 +19,23 @@ from pathlib import Path
 
 import pytest
 
-from common.ingest import ingest
 from common.run import RunDir, git_commit
-from common.splits import partition_manifest, split_manifest
 from simulation.flower import APP_DIR, BIN, flwr_env, free_port, write_connections, write_run_config
-from simulation.phantom import generate_phantom
+
+try:
+    from deploy_helpers import SMALL, make_cohort
+    from deploy_helpers import rounds as _rounds
+except ImportError:  # run as a package
+    from tests.deploy_helpers import SMALL, make_cohort
+    from tests.deploy_helpers import rounds as _rounds
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"input-shape": "32,32,32", "spacing": "6.0,6.0,6.0", "batch-size": 4}
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    generate_phantom(root / "download", subjects=30, sites=3, shape=32, effect=1.0, seed=1)
-    ingest(root / "download", csv=root / "download" / "idaSearch.csv", sites_csv=root / "download" / "centres.csv",
-           out=root / "manifest.csv")
-    split_manifest(root / "manifest.csv", val=0.2, test=0.25, seed=0)
-    partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
-    return root / "partition"
+    return make_cohort(tmp_path_factory.mktemp("cohort")) / "partition"
 
 
 def _processes() -> list[tuple[int, list[str]]]:
@@ -62,11 +60,6 @@ def _wait_gone(pid: int, timeout: float = 20.0) -> None:
             return
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
-
-
-def _rounds(out: Path) -> list[dict]:
-    f = out / "rounds.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
 
 
 def _check_outputs(out: Path, rounds: int, sites: set[str]):
@@ -122,7 +115,7 @@ def test_flwr_run_local_simulation(cohort, tmp_path):
 
 
 def test_simulate_resume_after_kill(cohort, tmp_path):
-    """A 4-round `fedpd simulate` is killed once round 2 is checkpointed, resumed, and ends with 4 rounds;
+    """A 3-round `fedpd simulate` is killed once round 1 is checkpointed, resumed, and ends with 3 rounds;
     the records of the checkpointed rounds are unchanged.
 
     The server appends a round's record to rounds.jsonl before it saves that round's checkpoint, and resume
@@ -130,15 +123,15 @@ def test_simulate_resume_after_kill(cohort, tmp_path):
     the test waits for the checkpoint (written atomically) and compares only the checkpointed rounds."""
     out = tmp_path / "run"
     rc = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in SMALL.items())
-    cmd = [sys.executable, "-m", "simulation.cli", "simulate", "--partition", str(cohort), "--rounds", "4",
+    cmd = [sys.executable, "-m", "simulation.cli", "simulate", "--partition", str(cohort), "--rounds", "3",
            "--out", str(out), "--run-config", rc]
     log = open(tmp_path / "first.log", "wb")
     first = subprocess.Popen(cmd, cwd=APP_DIR, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 480
-        while not (out / "checkpoints" / "round-2.pt").is_file():
+        while not (out / "checkpoints" / "round-1.pt").is_file():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "round 2 was never checkpointed"
+            assert time.monotonic() < deadline, "round 1 was never checkpointed"
             time.sleep(0.5)
         first.send_signal(signal.SIGTERM)  # fedpd simulate stops its SuperLink (and the ServerApp) on SIGTERM
         first.wait(timeout=60)
@@ -150,11 +143,11 @@ def test_simulate_resume_after_kill(cohort, tmp_path):
     # a later round may have its record but not yet its checkpoint: resume redoes it, so it is not compared
     before = [r for r in _rounds(out) if r["round"] <= saved[-1]]
     assert saved == [r["round"] for r in before] == list(range(1, saved[-1] + 1))
-    assert 2 <= saved[-1] < 4 and not (out / "report.json").exists()
+    assert 1 <= saved[-1] < 3 and not (out / "report.json").exists()
 
     again = subprocess.run(cmd[:-1] + [rc + " resume=true"], cwd=APP_DIR, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"from round {saved[-1] + 1}" in again.stdout, again.stdout[-3000:]
-    recs, report = _check_outputs(out, 4, _site_names(cohort))
+    recs, report = _check_outputs(out, 3, _site_names(cohort))
     assert recs[: len(before)] == before  # nothing checkpointed by the first run was lost or rewritten
     assert "test AUC" in again.stdout and "phantom" in again.stdout

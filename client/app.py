@@ -34,7 +34,7 @@ def _setup(msg: Message, context: Context):
     deterministic_kernels(rt.device)  # CPU: same seed, same weights (common/device.py)
     model = make_model(cfg)
     load_state_numpy(model, msg.content[keys.ARRAYS].to_torch_state_dict())
-    g = int(msg.content[keys.CONFIG].get("global-round", msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 1)))
+    g = int(msg.content[keys.CONFIG].get(keys.GLOBAL_ROUND, msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 1)))
     return cfg, site, rt, model, g
 
 

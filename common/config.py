@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.errors import ConfigError
+from common.keys import CLASS_BALANCING, MODEL_DEPTHS
 
-__all__ = ["RunConfig", "load_defaults", "parse_overrides", "PYPROJECT", "MODEL_DEPTHS"]
+__all__ = ["RunConfig", "load_defaults", "parse_overrides", "PYPROJECT"]
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-MODEL_DEPTHS = (10, 18, 34, 50, 101, 152, 200)
-CLASS_BALANCING = ("sampler", "loss", "none")
 STRATEGIES = ("fedavg",)
 
 

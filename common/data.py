@@ -42,13 +42,12 @@ from monai.data.utils import json_hashing, pickle_hashing
 from torch.utils.data import WeightedRandomSampler
 
 from common.errors import ConfigError, DataError
+from common.keys import CLASS_BALANCING, NUM_CLASSES
 from common.transforms import build_pipeline, pipeline_fingerprint
 
 __all__ = ["ScanDataset", "build_dataset", "file_fingerprint", "class_counts", "class_weights",
-           "make_loader", "CLASS_BALANCING", "NUM_CLASSES"]
+           "make_loader"]
 
-CLASS_BALANCING = ("sampler", "loss", "none")
-NUM_CLASSES = 2  # 0 = control, 1 = PD
 _EDGE_BYTES = 64 * 1024  # hashed at each end of a file for its fingerprint
 _REQUIRED = ("image_id", "path", "label")
 

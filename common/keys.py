@@ -1,4 +1,5 @@
-"""Message and metric keys, defined once. Kebab-case, as Flower's own ``num-examples``.
+"""Message and metric keys, class names and the run-config choices, each defined once. Keys are kebab-case,
+as Flower's own ``num-examples``.
 
 Everything a site sends is listed here: weight arrays under ``ARRAYS``, scalar metrics and counts
 under ``METRICS``, and its site name under ``SITE``. Nothing per-sample has a key.
@@ -7,8 +8,19 @@ under ``METRICS``, and its site name under ``SITE``. Nothing per-sample has a ke
 __all__ = [
     "ARRAYS", "CONFIG", "METRICS", "SITE", "SITE_NAME", "QC_KEPT", "QC_EXCLUDED",
     "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND",
-    "class_count_key", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
+    "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
+    "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
+    "PARTITION_SCHEMES", "BASELINE_MODES",
 ]
+
+# The two classes: label 0 and label 1, in this order everywhere (manifests, model outputs, reports).
+CLASS_NAMES = ("control", "PD")
+NUM_CLASSES = len(CLASS_NAMES)
+# run-config choices that other modules validate or offer (the CLI reuses them)
+CLASS_BALANCING = ("sampler", "loss", "none")  # local class balancing: weighted sampler, weighted loss, none
+MODEL_DEPTHS = (10, 18, 34, 50, 101, 152, 200)  # the Med3D / MedicalNet ResNet depths
+PARTITION_SCHEMES = ("natural", "iid", "dirichlet")  # fedpd partition: acquisition sites, random, label-skewed
+BASELINE_MODES = ("centralized", "local", "scratch")  # fedpd baseline: pooled, each site alone, random init
 
 # Record names inside a Message's RecordDict
 ARRAYS = "arrays"  # ArrayRecord: model state_dict (FedAvg default key)
@@ -23,6 +35,7 @@ QC_EXCLUDED = "qc-excluded"
 
 # ConfigRecord keys
 SERVER_ROUND = "server-round"  # injected by FedAvg into every config
+GLOBAL_ROUND = "global-round"  # fedpd's round number across resumed runs (server-round restarts at 1)
 
 # MetricRecord keys of a train reply
 NUM_EXAMPLES = "num-examples"  # training samples (len(dataset)), the FedAvg weight
@@ -31,9 +44,12 @@ TRAIN_SECONDS = "train-seconds"
 SAMPLES_PER_SECOND = "samples-per-second"
 
 
+CLASS_COUNT_PREFIX = "class-count-"
+
+
 def class_count_key(label: int) -> str:
     """Key of the local training-class count, e.g. ``class-count-1`` for PD."""
-    return f"class-count-{int(label)}"
+    return f"{CLASS_COUNT_PREFIX}{int(label)}"
 
 
 TRAIN_METRIC_KEYS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, SAMPLES_PER_SECOND, class_count_key(0), class_count_key(1))
@@ -46,3 +62,8 @@ EVAL_METRICS = ("n", "loss", "accuracy", "balanced_accuracy", "sensitivity", "sp
 def eval_key(metric: str) -> str:
     """``val-auc``, ``val-balanced-accuracy``, ...: underscores in metric names become dashes."""
     return EVAL_PREFIX + metric.replace("_", "-")
+
+
+# MetricRecord keys of the server-side evaluation (the global model on the server's val rows), per round
+VAL_AUC = eval_key("auc")
+VAL_LOSS = eval_key("loss")

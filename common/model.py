@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CheckpointError
+from common.keys import MODEL_DEPTHS
 
 __all__ = ["Med3D", "MedicalNetResNet", "build_med3d", "load_medicalnet_weights", "check_checkpoint", "DEPTHS",
            "SHORTCUTS"]
@@ -101,7 +102,9 @@ _VARIANTS = {
     152: (Bottleneck, (3, 8, 36, 3), "B"),
     200: (Bottleneck, (3, 24, 36, 3), "B"),
 }
-DEPTHS = tuple(_VARIANTS)
+DEPTHS = MODEL_DEPTHS  # the run-config's choices (common/keys.py); each has its variant above
+if tuple(_VARIANTS) != DEPTHS:
+    raise RuntimeError("common/model.py: _VARIANTS and keys.MODEL_DEPTHS differ")
 _DEPTH_LIST = ", ".join(map(str, DEPTHS))
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
+from common.keys import CLASS_NAMES
 from common.run import RunDir, atomic_write_bytes, atomic_write_text
 
 __all__ = ["render_report", "SECTION_IDS", "REPORT_HTML", "FIGURES_DIR", "baseline_hint"]
@@ -40,7 +41,6 @@ log = logging.getLogger("fedpd.report")
 
 REPORT_HTML = "report.html"
 FIGURES_DIR = "figures"
-CLASS_NAMES = ("control", "PD")  # label 0, label 1
 CI_BOOT = 1000  # resamples of the ROC band (subject level, as the metric intervals)
 SEARCH_DEPTH = 3  # how deep report.json files are looked for under baselines/ and --compare folders
 # (key, label, what it means) in the order of the test-metrics table

@@ -32,11 +32,12 @@ import pandas as pd
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 
 from common.errors import DataError
+from common.keys import PARTITION_SCHEMES
 from common.manifest import SPLITS, UNSAFE_SCAN_SPLIT, read_manifest, validate_manifest, write_manifest
 
 __all__ = ["split_manifest", "split_audit", "format_audit", "partition_manifest", "SCHEMES"]
 
-SCHEMES = ("natural", "iid", "dirichlet")
+SCHEMES = PARTITION_SCHEMES
 _IN_MEMORY = "<manifest table>"
 
 

@@ -55,7 +55,7 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
     setup.run.save_checkpoint(g, {k: v.numpy() for k, v in model.state_dict().items()}, config=setup.cfg.to_dict(),
                               metrics=record, model=setup.model_args, strategy={"name": setup.cfg.strategy, "round": g})
     log(INFO, "round %d: val AUC %.3f, val loss %.4f, checkpoint %s", g, metrics["auc"], val.loss, setup.run.checkpoint_path(g))
-    return MetricRecord({"val-auc": float(metrics["auc"]), "val-loss": float(val.loss)})
+    return MetricRecord({keys.VAL_AUC: float(metrics["auc"]), keys.VAL_LOSS: float(val.loss)})
 
 
 def fedavg_arm(cfg: RunConfig) -> str:

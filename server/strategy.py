@@ -38,7 +38,6 @@ __all__ = ["RecordingFedAvg", "nan_aware_mean", "train_metrics_summary", "check_
 MAX_NUM_EXAMPLES = 100_000
 
 EVALUATE_METRIC_KEYS = (keys.NUM_EXAMPLES, *(keys.eval_key(m) for m in keys.EVAL_METRICS))
-_CLASS_COUNT_PREFIX = keys.class_count_key(0)[:-1]  # "class-count-"
 _EVAL_COUNT = keys.eval_key("n")  # a site's number of val scans: summed over sites, not averaged
 
 
@@ -158,7 +157,7 @@ def check_train_reply(content: RecordDict, reference: dict[str, tuple[int, ...]]
     reason = _check_count(keys.NUM_EXAMPLES, n, 1, max_num_examples)
     if reason:
         return reason
-    counts = {k: v for k, v in metrics.items() if k.startswith(_CLASS_COUNT_PREFIX)}
+    counts = {k: v for k, v in metrics.items() if k.startswith(keys.CLASS_COUNT_PREFIX)}
     for name, value in counts.items():
         reason = _check_count(name, value, 0, max_num_examples)
         if reason:
@@ -249,7 +248,7 @@ def train_metrics_summary(records: list[RecordDict], weighting_key: str) -> Metr
                                    for r in records) / total
     for record in records:
         for key, value in _metrics_of(record).items():
-            if key.startswith(_CLASS_COUNT_PREFIX):
+            if key.startswith(keys.CLASS_COUNT_PREFIX):
                 out[key] = int(out.get(key, 0)) + int(value)
     return MetricRecord(out)
 
@@ -282,13 +281,13 @@ class RecordingFedAvg(FedAvg):
         g = self.global_round(server_round)
         self.round_started[g] = time.time()
         self.reference[g] = {name: tuple(array.shape) for name, array in arrays.items()}
-        config["global-round"] = g
+        config[keys.GLOBAL_ROUND] = g
         self._outbox = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[g] = [m.metadata.dst_node_id for m in self._outbox]
         return self._outbox
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config["global-round"] = self.global_round(server_round)
+        config[keys.GLOBAL_ROUND] = self.global_round(server_round)
         self._outbox = list(super().configure_evaluate(server_round, arrays, config, grid))
         return self._outbox
 

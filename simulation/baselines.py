@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from common import keys
 from common.config import RunConfig, parse_overrides
 from common.device import Runtime, runtime
 from common.errors import ConfigError, DataError
@@ -40,7 +41,7 @@ from common.train import train_local
 
 __all__ = ["MODES", "run_baseline", "holdout_partition"]
 
-MODES = ("centralized", "local", "scratch")
+MODES = keys.BASELINE_MODES
 log = logging.getLogger("fedpd.baselines")
 
 
@@ -95,7 +96,8 @@ def _train_arm(arm: str, train_rows: pd.DataFrame, server: pd.DataFrame, cfg: Ru
             metrics = binary_metrics(val.y_true, val.y_score) | {"loss": val.loss}
         record = {"round": r, "train_loss": res.loss, "num_examples": res.num_examples,
                   "sites": {arm: {"num-examples": res.num_examples, "train-loss": res.loss,
-                                  "class-count-0": int(counts.get(0, 0)), "class-count-1": int(counts.get(1, 0))}},
+                                  keys.class_count_key(0): int(counts.get(0, 0)),
+                                  keys.class_count_key(1): int(counts.get(1, 0))}},
                   "missing_sites": [], "failures": [], "val": metrics, "wall_seconds": time.time() - start}
         run.append_round(record)
         run.save_checkpoint(r, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},

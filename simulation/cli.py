@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.keys import BASELINE_MODES, PARTITION_SCHEMES
+
 __all__ = ["main", "build_parser"]
 
 
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("partition", help="assign split manifest rows to sites and the server")
     s.add_argument("manifest", type=Path)
-    s.add_argument("--scheme", choices=("natural", "iid", "dirichlet"), default="natural")
+    s.add_argument("--scheme", choices=PARTITION_SCHEMES, default="natural")
     s.add_argument("--sites", type=int, default=None, help="number of sites (iid, dirichlet)")
     s.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet)")
     s.add_argument("--seed", type=int, default=0)
@@ -209,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_simulate)
 
     s = sub.add_parser("baseline", help="comparison arms on the same engine: centralized, local (each site alone), scratch")
-    s.add_argument("--mode", choices=("centralized", "local", "scratch"), required=True)
+    s.add_argument("--mode", choices=BASELINE_MODES, required=True)
     s.add_argument("--partition", type=Path, required=True, help="folder from fedpd partition (same as the federated run)")
     s.add_argument("--out", type=Path, required=True,
                    help="run folder; put it under <federated run>/baselines/<mode> to see it in that run's report")

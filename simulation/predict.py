@@ -28,6 +28,7 @@ import torch
 from common.config import RunConfig
 from common.device import Runtime, runtime
 from common.errors import CheckpointError, ConfigError, DataError
+from common.keys import CLASS_NAMES
 from common.model import build_med3d, nonfinite_tensors
 from common.run import RunDir
 from common.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
@@ -39,7 +40,6 @@ __all__ = ["Predictor", "load_predictor", "predict_scan", "format_result", "chec
 
 DEFAULT_THRESHOLD = 0.5
 _PIPELINE_KEYS = ("input-shape", "spacing", "model-depth")  # must come from the checkpoint, never from defaults
-CLASS_NAMES = ("control", "PD")  # label 0, label 1
 _PHANTOM_NOTE = ("This model was trained on phantom (synthetic) data: the result demonstrates the software only "
                  "and is not a clinical tool.")
 _RESEARCH_NOTE = "Research software: not a medical device and not validated for clinical use."

@@ -5,7 +5,6 @@ Handlers unpack the message, call ``common/`` and pack the reply; nothing per-sa
 
 from __future__ import annotations
 
-import warnings
 from logging import INFO
 
 import torch
@@ -16,9 +15,8 @@ from flwr.common import log
 from common import keys
 from common.config import RunConfig
 from common.device import deterministic_kernels, runtime
-from common.evaluation import eval_loader, make_model, train_loader
-from common.metrics import MetricUndefinedWarning, binary_metrics
-from common.train import load_state_numpy, predict, train_local
+from common.evaluation import make_model, train_loader, validation_metrics
+from common.train import load_state_numpy, train_local
 from client.audit import audit_mod
 from client.site import resolve_site
 
@@ -81,8 +79,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     rows = site.rows("val")
     if rows.empty:
         return _reply(msg, site, {keys.NUM_EXAMPLES: 0, **{keys.eval_key(m): float("nan") for m in keys.EVAL_METRICS}})
-    res = predict(model, eval_loader(rows, cfg, site.cache_dir), rt)
-    with warnings.catch_warnings():  # a one-class val split gives NaN metrics; NaN is the record, no log spam
-        warnings.simplefilter("ignore", MetricUndefinedWarning)
-        m = binary_metrics(res.y_true, res.y_score) | {"loss": res.loss}
+    m = validation_metrics(model, rows, cfg, rt, site.cache_dir)  # a one-class val split: NaN figures
     return _reply(msg, site, {keys.NUM_EXAMPLES: int(m["n"]), **{keys.eval_key(k): float(m[k]) for k in keys.EVAL_METRICS}})

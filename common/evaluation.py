@@ -10,22 +10,27 @@ from __future__ import annotations
 import io
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from common import keys
 from common.config import RunConfig
 from common.data import build_dataset, class_counts, class_weights, make_loader
 from common.device import Runtime
-from common.metrics import binary_metrics, bootstrap_ci, best_threshold
+from common.errors import CheckpointError
+from common.keys import NUM_CLASSES
+from common.metrics import MetricUndefinedWarning, binary_metrics, bootstrap_ci, best_threshold
 from common.model import build_med3d
 from common.run import SELECTION_RULE, RunDir, atomic_write_bytes, atomic_write_text, select_round
 from common.train import EvalResult, load_state_numpy, predict
 
-__all__ = ["make_model", "train_loader", "eval_loader", "evaluate_rows", "finalize_run", "data_source",
-           "save_selected_model", "PREDICTIONS_FILE", "MODEL_FILE"]
+__all__ = ["make_model", "model_args", "model_from_checkpoint", "train_loader", "eval_loader", "evaluate_rows",
+           "validation_metrics", "close_round", "finalize_run", "data_source", "save_selected_model",
+           "PREDICTIONS_FILE", "MODEL_FILE"]
 
 log = logging.getLogger("fedpd.evaluation")
 
@@ -36,6 +41,36 @@ def make_model(cfg: RunConfig, pretrained: bool = False) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):  # seed the initialisation without resetting the caller's RNG
         torch.manual_seed(cfg.seed)  # random init (from scratch, and the head) follows the run's seed
         return build_med3d(depth=cfg.model_depth, num_classes=2, pretrained=path, dropout=cfg.dropout)
+
+
+def model_args(cfg: RunConfig) -> dict:
+    """What builds this run's Med3D, as stored in every checkpoint's ``model`` entry."""
+    return {"depth": cfg.model_depth, "num_classes": NUM_CLASSES, "dropout": cfg.dropout}
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
+    """The Med3D a fedpd checkpoint describes, with its weights: the one way from a checkpoint to a model.
+
+    The architecture comes from the checkpoint itself (its ``model`` entry, else its stored run-config), never
+    from the caller's run-config, so a model is always rebuilt as it was trained. The caller's RNG is left
+    as it was (the weights replace the random initialisation anyway).
+
+    Raises:
+        CheckpointError: the weights do not fit the model the checkpoint names (the message names ``path``).
+    """
+    args = dict(ckpt.get("model") or {})
+    config = ckpt.get("config") or {}
+    try:
+        depth = int(args.get("depth", config.get("model-depth", 10)))
+        classes = int(args.get("num_classes", NUM_CLASSES))
+        dropout = float(args.get("dropout", config.get("dropout", 0.0)))
+        with torch.random.fork_rng(devices=[]):
+            model = build_med3d(depth=depth, num_classes=classes, dropout=dropout)
+        load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit Med3D {args or {'depth': config.get('model-depth')}}: "
+                              f"{str(exc).splitlines()[0][:300]}") from exc
+    return model
 
 
 def _records(rows: pd.DataFrame) -> list[dict]:
@@ -64,6 +99,58 @@ def eval_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path):
 def evaluate_rows(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfig, rt: Runtime, cache_dir: Path) -> EvalResult:
     """Predict every row (in order)."""
     return predict(model, eval_loader(rows, cfg, cache_dir), rt)
+
+
+def validation_metrics(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfig, rt: Runtime,
+                       cache_dir: Path) -> dict[str, float]:
+    """The threshold-free validation figures of a model on ``rows`` (a round's record, a site's evaluate
+    reply): :func:`binary_metrics` plus ``loss``. Undefined figures (a one-class split) are NaN, quietly:
+    NaN is what the record keeps."""
+    res = evaluate_rows(model, rows, cfg, rt, cache_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricUndefinedWarning)
+        return binary_metrics(res.y_true, res.y_score) | {"loss": res.loss}
+
+
+def _train_loss(sites: dict[str, dict]) -> float | None:
+    """The round's training loss: the sites' losses weighted by their examples (one site: its own loss)."""
+    if len(sites) == 1:
+        (only,) = sites.values()
+        return only[keys.TRAIN_LOSS]
+    total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
+    return (sum(s[keys.TRAIN_LOSS] * s[keys.NUM_EXAMPLES] for s in sites.values()) / total) if total else None
+
+
+def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFrame,
+                cache_dir: Path, started: float, strategy: str, sites: dict[str, dict],
+                site_eval: dict | None = None, missing_sites: list | None = None, failures: list | None = None,
+                rejected: list | None = None, site_qc: dict | None = None) -> dict:
+    """The server side of a round, the same for the ServerApp and every baseline arm: validate the round's
+    model on the server's val rows, build the round record, append it to ``rounds.jsonl``, then checkpoint.
+
+    ``sites`` maps each aggregated site (or the arm) to its train-reply metrics. The record goes first: a
+    crash before the checkpoint lands makes resume repeat round ``g`` (its record is truncated away), and
+    never leaves a checkpoint without its record. Returns the record.
+    """
+    metrics = validation_metrics(model, val_rows, cfg, rt, cache_dir)
+    total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
+    record = {
+        "round": g,
+        "train_loss": _train_loss(sites),
+        "num_examples": total,
+        "sites": sites,
+        "site_eval": site_eval or {},
+        "missing_sites": missing_sites or [],
+        "failures": failures or [],
+        "rejected": rejected or [],
+        **({"site_qc": site_qc} if site_qc else {}),
+        "val": metrics,
+        "wall_seconds": time.time() - started,
+    }
+    run.append_round(record)
+    run.save_checkpoint(g, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, config=cfg.to_dict(),
+                        metrics=record, model=model_args(cfg), strategy={"name": strategy, "round": g})
+    return record
 
 
 def data_source(rows: pd.DataFrame) -> str:
@@ -116,8 +203,7 @@ def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFram
     records = run.read_rounds()
     selected = select_round(records)
     ckpt = RunDir.load_checkpoint(run.checkpoint_path(selected))
-    model = make_model(cfg)
-    load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
+    model = model_from_checkpoint(ckpt, run.checkpoint_path(selected))
 
     val = evaluate_rows(model, val_rows, cfg, rt, cache_dir)
     threshold = float(best_threshold(val.y_true, val.y_score))

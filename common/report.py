@@ -762,20 +762,12 @@ def _pick_scans(test: pd.DataFrame, threshold: float, k: int) -> list[tuple[pd.S
 
 
 def _load_model(ctx: _Run):
-    import torch
-
     from common.config import RunConfig
-    from common.model import build_med3d
-    from common.train import load_state_numpy
+    from common.evaluation import model_from_checkpoint
 
     ckpt = RunDir.load_checkpoint(ctx.root / "model.pt")
     cfg = RunConfig.from_mapping(ckpt["config"])
-    args = ckpt.get("model") or {}
-    with torch.random.fork_rng(devices=[]):
-        model = build_med3d(depth=int(args.get("depth", cfg.model_depth)), num_classes=int(args.get("num_classes", 2)),
-                            dropout=float(args.get("dropout", cfg.dropout)))
-    load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
-    return model.eval(), cfg, ckpt
+    return model_from_checkpoint(ckpt, ctx.root / "model.pt").eval(), cfg, ckpt
 
 
 def _section_saliency(ctx: _Run) -> str:

@@ -6,7 +6,6 @@ The handler converts Flower objects to plain calls; the loops and the report are
 from __future__ import annotations
 
 import time
-import warnings
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
@@ -17,8 +16,7 @@ from common import keys
 from common.config import RunConfig
 from common.device import runtime
 from common.errors import RunFailedError
-from common.evaluation import evaluate_rows, finalize_run
-from common.metrics import MetricUndefinedWarning, binary_metrics
+from common.evaluation import close_round, finalize_run
 from server.setup import ServerSetup, prepare
 from server.strategy import RecordingFedAvg
 
@@ -26,36 +24,22 @@ app = ServerApp()
 
 
 def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays: ArrayRecord) -> MetricRecord:
-    """Evaluate the global model of global round ``g`` on the server's val rows, checkpoint, log the round."""
+    """Global round ``g``'s server side (common.evaluation.close_round, as for every baseline arm): validate the
+    aggregate on the server's val rows, record the round with what the strategy saw of the sites, checkpoint."""
     model = setup.model
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-    val = evaluate_rows(model, setup.val_rows, setup.cfg, setup.rt, setup.cache_dir)
-    with warnings.catch_warnings():  # undefined metrics are recorded as NaN/null in rounds.jsonl
-        warnings.simplefilter("ignore", MetricUndefinedWarning)
-        metrics = binary_metrics(val.y_true, val.y_score) | {"loss": val.loss}
-    sites = strategy.train_sites.get(g, {})
-    total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
-    record = {
-        "round": g,
-        "train_loss": (sum(s[keys.TRAIN_LOSS] * s[keys.NUM_EXAMPLES] for s in sites.values()) / total) if total else None,
-        "num_examples": total,
-        "sites": sites,
-        "site_eval": strategy.eval_sites.get(g, {}),
-        "missing_sites": strategy.missing_sites(g),
+    record = close_round(
+        setup.run, model, g, cfg=setup.cfg, rt=setup.rt, val_rows=setup.val_rows, cache_dir=setup.cache_dir,
+        started=strategy.round_started.get(g, time.time()), strategy=setup.cfg.strategy,
+        sites=strategy.train_sites.get(g, {}), site_eval=strategy.eval_sites.get(g, {}),
+        missing_sites=strategy.missing_sites(g),
         # a site that fails before it ever answered is known by node id only; name it once a later reply did
-        "failures": [f | {"site": strategy.node_sites.get(f.get("node"), f["site"])} for f in strategy.failed.get(g, [])],
-        "rejected": strategy.rejected.get(g, []),
-        **({"site_qc": strategy.site_qc[g]} if strategy.site_qc.get(g) else {}),
-        "val": metrics,
-        "wall_seconds": time.time() - strategy.round_started.get(g, time.time()),
-    }
-    # The record goes first: a crash before the checkpoint lands makes resume repeat round g (its record is
-    # truncated away), never leaves a checkpoint without its record.
-    setup.run.append_round(record)
-    setup.run.save_checkpoint(g, {k: v.numpy() for k, v in model.state_dict().items()}, config=setup.cfg.to_dict(),
-                              metrics=record, model=setup.model_args, strategy={"name": setup.cfg.strategy, "round": g})
-    log(INFO, "round %d: val AUC %.3f, val loss %.4f, checkpoint %s", g, metrics["auc"], val.loss, setup.run.checkpoint_path(g))
-    return MetricRecord({keys.VAL_AUC: float(metrics["auc"]), keys.VAL_LOSS: float(val.loss)})
+        failures=[f | {"site": strategy.node_sites.get(f.get("node"), f["site"])} for f in strategy.failed.get(g, [])],
+        rejected=strategy.rejected.get(g, []), site_qc=strategy.site_qc.get(g))
+    metrics = record["val"]
+    log(INFO, "round %d: val AUC %.3f, val loss %.4f, checkpoint %s", g, metrics["auc"], metrics["loss"],
+        setup.run.checkpoint_path(g))
+    return MetricRecord({keys.VAL_AUC: float(metrics["auc"]), keys.VAL_LOSS: float(metrics["loss"])})
 
 
 def fedavg_arm(cfg: RunConfig) -> str:

@@ -13,13 +13,12 @@ import torch
 from common.config import RunConfig
 from common.device import Runtime
 from common.errors import ConfigError, DataError
-from common.evaluation import make_model
+from common.evaluation import make_model, model_from_checkpoint
 from common.manifest import read_manifest
 from common.preflight import check_run_dir
 from common.run import RunDir
 from common.scans import check_scans, format_problems
 from common.splits import split_audit
-from common.train import load_state_numpy
 
 __all__ = ["ServerSetup", "prepare", "absolute"]
 
@@ -46,7 +45,6 @@ class ServerSetup:
     cache_dir: Path
     start_round: int
     model: torch.nn.Module  # initial weights; reused (weights replaced) for every round's validation
-    model_args: dict
     data_info: dict = field(default_factory=dict)
 
 
@@ -69,7 +67,6 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
     scan_problems = check_scans(rows, cache_file=out / "cache" / "server" / "scan-check.json")
     if scan_problems:
         raise DataError(f"{manifest_path}: " + format_problems(scan_problems, total=len(rows)))
-    model_args = {"depth": cfg.model_depth, "num_classes": 2, "dropout": cfg.dropout}
     saved = run.saved_rounds()
     start_round = 0
     if cfg.resume and saved:
@@ -77,8 +74,7 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
         ckpt = RunDir.load_checkpoint(run.checkpoint_path(start_round))
         if ckpt.get("model", {}).get("depth") != cfg.model_depth:
             raise ConfigError(f"{run.checkpoint_path(start_round)} holds model-depth {ckpt['model'].get('depth')}, run-config says {cfg.model_depth}; resume with the same model-depth")
-        model = make_model(cfg)
-        load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
+        model = model_from_checkpoint(ckpt, run.checkpoint_path(start_round))
         run.truncate_rounds(start_round)
         log.info("resuming %s after round %d", out, start_round)
     elif cfg.resume and run.rounds_file.exists():
@@ -100,4 +96,4 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
                 data_info["holdout_site"] = data_info["partition"]["holdout_site"]
     return ServerSetup(cfg=cfg, rt=rt, run=run, val_rows=val_rows, test_rows=test_rows,
                        cache_dir=out / "cache" / "server", start_round=start_round,
-                       model=model, model_args=model_args, data_info=data_info)
+                       model=model, data_info=data_info)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -31,10 +30,9 @@ from common import keys
 from common.config import RunConfig, parse_overrides
 from common.device import Runtime, runtime
 from common.errors import ConfigError, DataError
-from common.evaluation import evaluate_rows, finalize_run, make_model, train_loader
+from common.evaluation import close_round, finalize_run, make_model, train_loader
 from common.manifest import read_manifest, write_manifest
 from common.preflight import preflight_partition
-from common.metrics import MetricUndefinedWarning, binary_metrics
 from common.run import RunDir
 from common.splits import split_audit
 from common.train import train_local
@@ -80,7 +78,6 @@ def _train_arm(arm: str, train_rows: pd.DataFrame, server: pd.DataFrame, cfg: Ru
     test_rows = server[server["split"] == "test"].reset_index(drop=True)
     run.write_json("config.json", cfg.to_dict() | {"arm": arm})
     model = make_model(cfg, pretrained=True)
-    model_args = {"depth": cfg.model_depth, "num_classes": 2, "dropout": cfg.dropout}
     train_cache, server_cache = out / "cache" / "train", out / "cache" / "server"
     counts = {}
     for r in range(1, cfg.num_server_rounds + 1):
@@ -90,18 +87,11 @@ def _train_arm(arm: str, train_rows: pd.DataFrame, server: pd.DataFrame, cfg: Ru
         loader, counts, weights = train_loader(train_rows, cfg, train_cache, seed)
         res = train_local(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt,
                           class_weights=weights, num_examples=len(train_rows))
-        val = evaluate_rows(model, val_rows, cfg, rt, server_cache)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MetricUndefinedWarning)
-            metrics = binary_metrics(val.y_true, val.y_score) | {"loss": val.loss}
-        record = {"round": r, "train_loss": res.loss, "num_examples": res.num_examples,
-                  "sites": {arm: {"num-examples": res.num_examples, "train-loss": res.loss,
-                                  keys.class_count_key(0): int(counts.get(0, 0)),
-                                  keys.class_count_key(1): int(counts.get(1, 0))}},
-                  "missing_sites": [], "failures": [], "val": metrics, "wall_seconds": time.time() - start}
-        run.append_round(record)
-        run.save_checkpoint(r, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-                            config=cfg.to_dict(), metrics=record, model=model_args, strategy={"name": arm, "round": r})
+        site = {keys.NUM_EXAMPLES: res.num_examples, keys.TRAIN_LOSS: res.loss,
+                keys.class_count_key(0): int(counts.get(0, 0)), keys.class_count_key(1): int(counts.get(1, 0))}
+        record = close_round(run, model, r, cfg=cfg, rt=rt, val_rows=val_rows, cache_dir=server_cache, started=start,
+                             strategy=arm, sites={arm: site})
+        metrics = record["val"]
         print(f"baseline {arm}: round {r}/{cfg.num_server_rounds}: train loss {res.loss:.4f}, "
               f"val AUC {metrics['auc']:.3f}, {record['wall_seconds']:.0f}s", flush=True)
     info = data_info | {"site_train_counts": {arm: {"control": int(counts.get(0, 0)), "pd": int(counts.get(1, 0)),

@@ -29,11 +29,11 @@ from common.config import RunConfig
 from common.device import Runtime, runtime
 from common.errors import CheckpointError, ConfigError, DataError
 from common.keys import CLASS_NAMES
-from common.model import build_med3d, nonfinite_tensors
+from common.evaluation import model_from_checkpoint
+from common.model import nonfinite_tensors
 from common.run import RunDir
 from common.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
 from common.scans import scan_problem
-from common.train import load_state_numpy
 
 __all__ = ["Predictor", "load_predictor", "predict_scan", "format_result", "check_saliency_path", "is_fedpd_png",
            "DEFAULT_THRESHOLD", "CLASS_NAMES"]
@@ -223,14 +223,7 @@ def load_predictor(checkpoint: str | Path) -> Predictor:
                               f"{', '.join(f'{k} ({n:,})' for k, n in list(bad.items())[:10])}"
                               f"{', ...' if len(bad) > 10 else ''}; the training diverged or the file is corrupt: "
                               "use another round's checkpoint or re-run the training")
-    args = ckpt.get("model") or {}
-    try:
-        model = build_med3d(depth=int(args.get("depth", cfg.model_depth)), num_classes=int(args.get("num_classes", 2)),
-                            dropout=float(args.get("dropout", cfg.dropout)))
-        load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: its weights do not fit Med3D {args or {'depth': cfg.model_depth}}: "
-                              f"{str(exc).splitlines()[0][:300]}") from exc
+    model = model_from_checkpoint(ckpt, path)
     if model.head.fc.out_features != len(CLASS_NAMES):
         raise CheckpointError(f"{path}: the model has {model.head.fc.out_features} outputs; fedpd predict needs 2 "
                               "(control, PD)")

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 __all__ = ["write_nifti", "write_dicom_series", "write_ida_download", "write_sites_csv", "make_manifest",
-           "IDA_COLUMNS"]
+           "IDA_COLUMNS", "split_and_partition", "scan_cohort", "phantom_cohort"]
 
 IDA_COLUMNS = ["Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality", "Description", "Type",
                "Acq Date", "Format", "Downloaded"]
@@ -134,3 +134,55 @@ def make_manifest(n_subjects_per_stratum: dict[tuple[int, str], int], visits=(1,
                 rows.append({"image_id": iid, "subject_id": str(sid), "visit": f"V{v:02d}", "label": label,
                              "site": site, "path": str((folder or Path("/nonexistent")) / f"{iid}.nii.gz")})
     return pd.DataFrame(rows)
+
+
+# --- whole cohorts: the real ingest -> subject split -> natural partition chain, written once ----------------
+
+
+def split_and_partition(root: Path, val: float = 0.2, test: float = 0.25) -> Path:
+    """Subject-level split of ``root/manifest.csv`` (in place), then a natural partition into
+    ``root/partition`` (sites/*.csv, server.csv); returns the partition folder."""
+    from common.splits import partition_manifest, split_manifest
+
+    split_manifest(root / "manifest.csv", val=val, test=test, seed=0)
+    partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
+    return root / "partition"
+
+
+def scan_cohort(root: Path, strata: dict[tuple[int, str], int], seed: int = 0, shape=(16, 16, 16),
+                source: str | None = None, **split) -> Path:
+    """Random 16^3 NIfTI scans for ``make_manifest(strata)`` under ``root/scans``, split and partitioned;
+    returns the partition folder. For tests of the plumbing, where no model has to learn anything."""
+    from common.manifest import write_manifest
+
+    root = Path(root)
+    df = make_manifest(strata, seed=seed, folder=root / "scans")
+    for i, path in enumerate(df["path"]):
+        write_nifti(Path(path), shape=shape, seed=i)
+    if source:
+        df["source"] = source
+    write_manifest(df, root / "manifest.csv")
+    return split_and_partition(root, **split)
+
+
+def phantom_cohort(root: Path, subjects: int = 30, sites: int = 3, shape: int = 32, effect: float = 1.0,
+                   seed: int = 1, quiet: bool = False, **split) -> Path:
+    """The phantom (MNI space) as an IDA download under ``root/download``, ingested into
+    ``root/manifest.csv``, split and partitioned: what a user runs before ``fedpd simulate``. Returns the
+    partition folder. ``quiet`` swallows the commands' console output."""
+    import contextlib
+    import io
+
+    from common.ingest import ingest
+    from simulation.phantom import generate_phantom
+
+    root = Path(root)
+    sink = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if quiet:
+            stack.enter_context(contextlib.redirect_stdout(sink))
+            stack.enter_context(contextlib.redirect_stderr(sink))
+        generate_phantom(root / "download", subjects=subjects, sites=sites, shape=shape, effect=effect, seed=seed)
+        ingest(root / "download", csv=root / "download" / "idaSearch.csv",
+               sites_csv=root / "download" / "centres.csv", out=root / "manifest.csv")
+        return split_and_partition(root, **split)

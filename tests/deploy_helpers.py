@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.ingest import ingest
-from common.splits import partition_manifest, split_manifest
 from simulation.flower import Proc, _tree, start_supernode
-from simulation.phantom import generate_phantom
+
+try:
+    from data_factory import phantom_cohort
+except ImportError:  # run as a package
+    from tests.data_factory import phantom_cohort
 
 __all__ = ["SMALL", "RUN_LIMIT", "PROCESS_LIMIT", "ROUND_FACTOR", "make_cohort", "rounds", "slowest_round", "round_limit",
            "site_names", "start_sites", "clientapps", "cmdline", "kill_tree", "wait_until", "strict_json", "audit_lines",
@@ -43,11 +45,7 @@ ROUND_FACTOR = 4.0
 
 def make_cohort(root: Path) -> Path:
     """Phantom download -> manifest.csv -> split -> partition/ (sites/*.csv, server.csv) under ``root``."""
-    generate_phantom(root / "download", subjects=30, sites=3, shape=32, effect=1.0, seed=1)
-    ingest(root / "download", csv=root / "download" / "idaSearch.csv", sites_csv=root / "download" / "centres.csv",
-           out=root / "manifest.csv")
-    split_manifest(root / "manifest.csv", val=0.2, test=0.25, seed=0)
-    partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
+    phantom_cohort(root, subjects=30, sites=3, shape=32, effect=1.0, seed=1)
     return root
 
 

@@ -27,6 +27,7 @@ from common import keys
 from common.config import RunConfig
 from common.device import runtime
 from common.errors import ConfigError
+from common.evaluation import model_args
 from common.manifest import read_manifest, write_manifest
 from common.model import build_med3d
 from common.run import RunDir
@@ -310,7 +311,7 @@ def test_prepare_fresh_run(server_csv, tmp_path):
     assert set(setup.val_rows["split"]) == {"val"} and set(setup.test_rows["split"]) == {"test"}
     assert len(setup.val_rows) + len(setup.test_rows) == len(read_manifest(server_csv))
     assert setup.cache_dir == out / "cache" / "server"
-    assert setup.model_args == {"depth": 10, "num_classes": 2, "dropout": cfg.dropout}
+    assert model_args(cfg) == {"depth": 10, "num_classes": 2, "dropout": cfg.dropout}
     assert (out / "config.json").is_file()
     assert setup.data_info["server_split_audit"]["total"]
     state = setup.model.state_dict()

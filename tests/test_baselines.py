@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 
 from common.errors import ConfigError, DataError
-from common.manifest import read_manifest, validate_manifest, write_manifest
+from common.manifest import read_manifest, validate_manifest
 from common.splits import partition_manifest, split_audit, split_manifest
 from simulation.baselines import holdout_partition, run_baseline
 try:
-    from data_factory import make_manifest, write_nifti
+    from data_factory import make_manifest, scan_cohort
 except ImportError:  # pragma: no cover
-    from tests.data_factory import make_manifest, write_nifti
+    from tests.data_factory import make_manifest, scan_cohort
 
 STRATA = {(1, "site-A"): 6, (0, "site-A"): 3, (1, "site-B"): 6, (0, "site-B"): 3, (1, "site-C"): 5, (0, "site-C"): 3}
 TINY = "input-shape='16,16,16' spacing='4.0,4.0,4.0' batch-size=4 num-server-rounds=1 local-epochs=1"
@@ -26,15 +26,7 @@ TINY = "input-shape='16,16,16' spacing='4.0,4.0,4.0' batch-size=4 num-server-rou
 
 @pytest.fixture(scope="module")
 def partition(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cohort")
-    df = make_manifest(STRATA, seed=3, folder=root / "scans")
-    for i, path in enumerate(df["path"]):
-        write_nifti(Path(path), shape=(16, 16, 16), seed=i)
-    df["source"] = "phantom"
-    write_manifest(df, root / "manifest.csv")
-    split_manifest(root / "manifest.csv", val=0.2, test=0.25, seed=0)
-    partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
-    return root / "partition"
+    return scan_cohort(tmp_path_factory.mktemp("cohort"), STRATA, seed=3, source="phantom")
 
 
 def test_unsafe_scan_split_leaks_subjects_and_says_so(tmp_path, capsys):

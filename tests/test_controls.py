@@ -15,17 +15,17 @@ measured at demo size, federated, in EXPERIMENTS.md, beside the same negative co
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from common.ingest import ingest
-from common.splits import partition_manifest, split_manifest
 from simulation.baselines import run_baseline
-from simulation.phantom import generate_phantom
+
+try:
+    from data_factory import phantom_cohort
+except ImportError:  # run as a package
+    from tests.data_factory import phantom_cohort
 
 COHORT = {"subjects": 120, "sites": 3, "shape": 24, "seed": 0}
 RUN_CONFIG = "input-shape='24,24,24' spacing='8.0,8.0,8.0' batch-size=8 num-server-rounds=2 local-epochs=2 lr=0.0001"
@@ -33,12 +33,7 @@ RUN_CONFIG = "input-shape='24,24,24' spacing='8.0,8.0,8.0' batch-size=8 num-serv
 
 def _pipeline(root: Path, effect: float) -> dict:
     """The whole pipeline on a fresh phantom; returns the centralized arm's report."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        generate_phantom(root / "download", effect=effect, **COHORT)
-        ingest(root / "download", csv=root / "download" / "idaSearch.csv",
-               sites_csv=root / "download" / "centres.csv", out=root / "manifest.csv")
-        split_manifest(root / "manifest.csv", val=0.2, test=0.3, seed=0)
-        partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
+    phantom_cohort(root, effect=effect, quiet=True, val=0.2, test=0.3, **COHORT)
     report = run_baseline("centralized", root / "partition", root / "run", run_config=RUN_CONFIG)["centralized"]
     assert report["data"]["source"] == "phantom"
     assert report["test_counts"]["subjects"] >= 30

@@ -28,18 +28,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from client.audit import AUDIT_ENV
 from common import keys
-from common.ingest import ingest
 from common.model import build_med3d
-from common.splits import partition_manifest, split_manifest
 from server.strategy import EVALUATE_METRIC_KEYS
 from simulation.flower import (APP_DIR, BIN, Proc, flwr_env, flwr_run, free_port, stop, wait_for_port,
                                write_run_config)
-from simulation.phantom import generate_phantom
 
 try:
-    from deploy_helpers import audit_lines, forbidden_strings, record_strings
+    from data_factory import phantom_cohort
+    from deploy_helpers import audit_lines, forbidden_strings, record_strings, rounds as _rounds
 except ImportError:  # run as a package
-    from tests.deploy_helpers import audit_lines, forbidden_strings, record_strings
+    from tests.data_factory import phantom_cohort
+    from tests.deploy_helpers import audit_lines, forbidden_strings, record_strings, rounds as _rounds
 
 PROVISION = APP_DIR / "deploy" / "provision.py"
 SMALL = {"input-shape": "16,16,16", "spacing": "12.0,12.0,12.0", "batch-size": 4, "local-epochs": 1}
@@ -228,11 +227,6 @@ def _wait_exit(proc: Proc, timeout: float = 90.0) -> int:
         pytest.fail(f"{proc.name} still runs after {timeout:.0f}s; log:\n{proc.log_text()[-3000:]}")
 
 
-def _rounds(out: Path) -> list[dict]:
-    f = out / "rounds.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
-
-
 def _flwr_json(home: Path, *args: str) -> dict:
     res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=flwr_env(home), capture_output=True,
                          text=True, timeout=60)
@@ -242,11 +236,7 @@ def _flwr_json(home: Path, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    generate_phantom(root / "download", subjects=20, sites=2, shape=32, effect=1.0, seed=1)
-    ingest(root / "download", csv=root / "download" / "idaSearch.csv", sites_csv=root / "download" / "centres.csv",
-           out=root / "manifest.csv")
-    split_manifest(root / "manifest.csv", val=0.2, test=0.25, seed=0)
-    partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
+    phantom_cohort(root, subjects=20, sites=2, shape=32, effect=1.0, seed=1)
     manifests = sorted((root / "partition" / "sites").glob("*.csv"))
     assert len(manifests) == 2
 

@@ -20,10 +20,9 @@ import pytest
 
 import common.scans as scans
 from common.manifest import read_manifest, write_manifest
-from common.splits import partition_manifest, split_manifest
 from simulation.cli import main
 from tests.ckpt_utils import random_backbone_state, write_official
-from tests.data_factory import make_manifest, write_nifti
+from tests.data_factory import scan_cohort
 
 SMALL = "input-shape='16,16,16' spacing='4.0,4.0,4.0' batch-size=4"
 
@@ -36,14 +35,7 @@ def _checksums(folder: Path) -> dict[str, str]:
 @pytest.fixture()
 def partition(tmp_path) -> Path:
     """A real 3-site partition of 16^3 NIfTI scans (subject split, natural partition)."""
-    df = make_manifest({(1, "A"): 5, (0, "A"): 3, (1, "B"): 5, (0, "B"): 3, (1, "C"): 4, (0, "C"): 3}, seed=0,
-                       folder=tmp_path / "img")
-    for i, p in enumerate(df["path"]):
-        write_nifti(Path(p), seed=i)
-    write_manifest(df, tmp_path / "manifest.csv")
-    split_manifest(tmp_path / "manifest.csv", val=0.2, test=0.25, seed=0)
-    partition_manifest(tmp_path / "manifest.csv", scheme="natural", out=tmp_path / "partition", seed=0)
-    return tmp_path / "partition"
+    return scan_cohort(tmp_path, {(1, "A"): 5, (0, "A"): 3, (1, "B"): 5, (0, "B"): 3, (1, "C"): 4, (0, "C"): 3})
 
 
 def _run(capsys, *argv) -> tuple[int, str]:

@@ -66,7 +66,7 @@ def proxy_auc(rows, cfg: RunConfig, pool: int, seed: int) -> float:
 
     from common.transforms import deterministic_transforms
 
-    tf = deterministic_transforms(cfg.input_size, cfg.spacing_mm)
+    tf = deterministic_transforms(cfg.input_shape, cfg.spacing)
     x = []
     for path in rows["path"]:
         img = tf({"image": path})["image"][None]  # [1,1,D,H,W]

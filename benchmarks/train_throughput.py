@@ -79,7 +79,7 @@ def main() -> None:
         # round 1: fills the on-disk cache (not measured)
         loader, _, w = train_loader(rows, cfg, cache, seed=1)
         train_local(model, loader, epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt, class_weights=w)
-        images = torch.randn(len(rows), 1, *cfg.input_size)
+        images = torch.randn(len(rows), 1, *cfg.input_shape)
         labels = torch.as_tensor(rows["label"].to_numpy(), dtype=torch.long)
         ours, bare, pipe = [], [], []
         for r in range(a.repeats):

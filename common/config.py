@@ -14,7 +14,7 @@ import shlex
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from common.errors import ConfigError
 from common.keys import CLASS_BALANCING, MODEL_DEPTHS
@@ -55,59 +55,74 @@ def _triple(kind, positive_min):
     return check
 
 
-# key -> (python type, validator or None, help). Order = the order users see in error messages.
-_SPEC: dict[str, tuple[type, Any, str]] = {
-    "num-server-rounds": (int, _at_least(1), "federated rounds"),
-    "local-epochs": (int, _at_least(1), "epochs each site trains per round"),
-    "batch-size": (int, _at_least(1), "scans per batch"),
-    "lr": (float, _at_least(0.0, exclusive=True), "learning rate (Adam)"),
-    "weight-decay": (float, _at_least(0.0), "AdamW weight decay"),
-    "dropout": (float, lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)", "dropout before the linear head"),
-    "model-depth": (int, _choice(MODEL_DEPTHS), "Med3D / MedicalNet ResNet depth"),
-    "pretrained-path": (str, None, 'MedicalNet checkpoint path on this host ("" = random init)'),
-    "input-shape": (str, _triple(int, 8), "D,H,W voxels fed to the network"),
-    "spacing": (str, _triple(float, 0.1), "target voxel size in mm, D,H,W"),
-    "class-balancing": (str, _choice(CLASS_BALANCING), "local class balancing"),
-    "amp": (bool, None, "mixed precision on CUDA"),
-    "strategy": (str, _choice(STRATEGIES), "aggregation strategy"),
-    "fraction-train": (float, _fraction, "share of available sites sampled per round"),
-    "min-nodes": (int, _at_least(1), "sites required to start a round"),
-    "partition-dir": (str, None, "simulation: folder holding sites/*.csv"),
-    "server-manifest": (str, None, "server.csv with the held-out val+test rows"),
-    "out-dir": (str, None, "where checkpoints, rounds.jsonl and the report go"),
-    "resume": (bool, None, "continue from the last checkpoint in out-dir"),
-    "seed": (int, _at_least(0), "random seed"),
-    "round-timeout": (float, _at_least(0.0, exclusive=True), "seconds to wait for replies per round"),
-    "num-workers": (int, _at_least(0), "DataLoader worker processes"),
-}
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(","))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(p) for p in text.split(","))
+
+
+def _joined(values: tuple) -> str:
+    return ",".join(str(v) for v in values)
+
+
+@dataclass(frozen=True)
+class Key:
+    """How one run-config key is read: its TOML type, its check, its help, and how its text becomes the
+    field's value (``parse``) and back (``unparse``, for config.json, checkpoints and Flower)."""
+
+    kind: type
+    check: Callable[[Any], str | None] | None
+    help: str
+    parse: Callable[[Any], Any] | None = None
+    unparse: Callable[[Any], Any] | None = None
+
+    @staticmethod
+    def of(f: dataclasses.Field) -> "Key":
+        return f.metadata["key"]
+
+
+def key(kind: type, check, help_: str, parse=None, unparse=None):
+    """A RunConfig field: the one declaration of a run-config key (name = field name with ``-`` for ``_``)."""
+    return dataclasses.field(metadata={"key": Key(kind, check, help_, parse, unparse)})
 
 
 @dataclass(frozen=True, slots=True)
 class RunConfig:
-    """The run-config as typed, validated values. Build it with :meth:`from_mapping`."""
+    """The run-config as typed, validated values. Build it with :meth:`from_mapping`.
 
-    num_server_rounds: int
-    local_epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    dropout: float
-    model_depth: int
-    pretrained_path: str
-    input_shape: str
-    spacing: str
-    class_balancing: str
-    amp: bool
-    strategy: str
-    fraction_train: float
-    min_nodes: int
-    partition_dir: str
-    server_manifest: str
-    out_dir: str
-    resume: bool
-    seed: int
-    round_timeout: float
-    num_workers: int
+    Each field is one key, declared once: its type, check and help are the field's metadata, in the order
+    users see in error messages. Shapes are parsed into tuples when the config is read.
+    """
+
+    num_server_rounds: int = key(int, _at_least(1), "federated rounds")
+    local_epochs: int = key(int, _at_least(1), "epochs each site trains per round")
+    batch_size: int = key(int, _at_least(1), "scans per batch")
+    lr: float = key(float, _at_least(0.0, exclusive=True), "learning rate (Adam)")
+    weight_decay: float = key(float, _at_least(0.0), "AdamW weight decay")
+    dropout: float = key(float, lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)", "dropout before the linear head")
+    model_depth: int = key(int, _choice(MODEL_DEPTHS), "Med3D / MedicalNet ResNet depth")
+    pretrained_path: str = key(str, None, 'MedicalNet checkpoint path on this host ("" = random init)')
+    input_shape: tuple[int, int, int] = key(str, _triple(int, 8), "D,H,W voxels fed to the network", _ints, _joined)
+    spacing: tuple[float, float, float] = key(str, _triple(float, 0.1), "target voxel size in mm, D,H,W", _floats, _joined)
+    class_balancing: str = key(str, _choice(CLASS_BALANCING), "local class balancing")
+    amp: bool = key(bool, None, "mixed precision on CUDA")
+    strategy: str = key(str, _choice(STRATEGIES), "aggregation strategy")
+    fraction_train: float = key(float, _fraction, "share of available sites sampled per round")
+    min_nodes: int = key(int, _at_least(1), "sites required to start a round")
+    partition_dir: str = key(str, None, "simulation: folder holding sites/*.csv")
+    server_manifest: str = key(str, None, "server.csv with the held-out val+test rows")
+    out_dir: str = key(str, None, "where checkpoints, rounds.jsonl and the report go")
+    resume: bool = key(bool, None, "continue from the last checkpoint in out-dir")
+    seed: int = key(int, _at_least(0), "random seed")
+    round_timeout: float = key(float, _at_least(0.0, exclusive=True), "seconds to wait for replies per round")
+    num_workers: int = key(int, _at_least(0), "DataLoader worker processes")
+
+    @staticmethod
+    def keys() -> dict[str, Key]:
+        """Every run-config key (kebab-case) with its declaration, in declaration order."""
+        return {f.name.replace("_", "-"): Key.of(f) for f in fields(RunConfig)}
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None) -> "RunConfig":
@@ -121,51 +136,46 @@ class RunConfig:
             ConfigError: unknown key (the valid keys are listed), missing key, wrong type, or a value
                 out of range (the valid range or choices are given).
         """
-        unknown = sorted(set(values) - set(_SPEC))
+        spec = cls.keys()
+        unknown = sorted(set(values) - set(spec))
         if unknown:
             raise ConfigError(
-                f"unknown run-config key(s): {', '.join(unknown)}. Valid keys: {', '.join(_SPEC)}"
+                f"unknown run-config key(s): {', '.join(unknown)}. Valid keys: {', '.join(spec)}"
             )
         merged = dict(load_defaults() if defaults is None else defaults)
         merged.update(values)
         kwargs = {}
-        for key, (kind, check, help_) in _SPEC.items():
-            if key not in merged:
-                raise ConfigError(f"run-config key {key!r} ({help_}) is missing; add it to [tool.flwr.app.config] in pyproject.toml")
-            value = merged[key]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        for name, k in spec.items():
+            if name not in merged:
+                raise ConfigError(f"run-config key {name!r} ({k.help}) is missing; add it to [tool.flwr.app.config] in pyproject.toml")
+            value = merged[name]
+            if k.kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if type(value) is not kind:
+            if type(value) is not k.kind:
                 raise ConfigError(
-                    f"run-config key {key!r} must be {kind.__name__} ({help_}), got {type(value).__name__} {value!r}"
+                    f"run-config key {name!r} must be {k.kind.__name__} ({k.help}), got {type(value).__name__} {value!r}"
                 )
-            if kind is float and not math.isfinite(value):
-                raise ConfigError(f"run-config key {key!r} = {value!r} is not a finite number ({help_}); give a finite value")
-            problem = check(value) if check else None
+            if k.kind is float and not math.isfinite(value):
+                raise ConfigError(f"run-config key {name!r} = {value!r} is not a finite number ({k.help}); give a finite value")
+            problem = k.check(value) if k.check else None
             if problem:
-                raise ConfigError(f"run-config key {key!r} = {value!r} {problem}")
-            kwargs[key.replace("-", "_")] = value
+                raise ConfigError(f"run-config key {name!r} = {value!r} {problem}")
+            kwargs[name.replace("-", "_")] = k.parse(value) if k.parse else value
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> "RunConfig":
-        """A copy with fields changed (python names), re-validated."""
+        """A copy with fields changed (python names, values as in the run-config), re-validated."""
         mapping = self.to_dict()
         mapping.update({k.replace("_", "-"): v for k, v in changes.items()})
         return RunConfig.from_mapping(mapping, defaults={})
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict, the same shape as Flower's run_config (for config.json and checkpoints)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        """``input-shape`` as a tuple of ints."""
-        return tuple(int(p) for p in self.input_shape.split(","))  # type: ignore[return-value]
-
-    @property
-    def spacing_mm(self) -> tuple[float, float, float]:
-        """``spacing`` as a tuple of floats."""
-        return tuple(float(p) for p in self.spacing.split(","))  # type: ignore[return-value]
+        out = {}
+        for f in fields(self):
+            k, value = Key.of(f), getattr(self, f.name)
+            out[f.name.replace("_", "-")] = k.unparse(value) if k.unparse else value
+        return out
 
 
 def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
@@ -199,7 +209,3 @@ def parse_overrides(text: str) -> dict[str, Any]:
             out[key] = raw
     return out
 
-
-# Keep the spec and the dataclass in step: a field without a spec entry is a programming error.
-if [k.replace("-", "_") for k in _SPEC] != [f.name for f in dataclasses.fields(RunConfig)]:
-    raise RuntimeError("common/config.py: _SPEC and RunConfig fields differ")

@@ -80,7 +80,7 @@ def _records(rows: pd.DataFrame) -> list[dict]:
 def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int):
     """Loader over training rows with the run's class balancing; also returns the counts and loss weights."""
     recs = _records(rows)
-    ds = build_dataset(recs, cfg.input_size, cfg.spacing_mm, cache_dir, train=True, seed=seed)
+    ds = build_dataset(recs, cfg.input_shape, cfg.spacing, cache_dir, train=True, seed=seed)
     labels = [int(r["label"]) for r in recs]
     loader = make_loader(ds, labels, cfg.batch_size, cfg.class_balancing, seed=seed, num_workers=cfg.num_workers)
     counts = class_counts(recs)
@@ -91,7 +91,7 @@ def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int)
 def eval_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path):
     """Deterministic loader (no augmentation, no sampler) in row order."""
     recs = _records(rows)
-    ds = build_dataset(recs, cfg.input_size, cfg.spacing_mm, cache_dir, train=False, seed=cfg.seed)
+    ds = build_dataset(recs, cfg.input_shape, cfg.spacing, cache_dir, train=False, seed=cfg.seed)
     labels = [int(r["label"]) for r in recs]
     return make_loader(ds, labels, cfg.batch_size, "none", seed=cfg.seed, num_workers=cfg.num_workers, shuffle=False)
 

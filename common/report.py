@@ -821,7 +821,7 @@ def _saliency_figure(ctx: _Run, model, cfg, rt, row: pd.Series, why: str, thresh
     if path is None or not path.is_file():
         return f'<div class="scan">{_note(f"{caption} Scan file not found ({path}): no overlay.", "caution")}</div>'
     try:
-        image = preprocess_scan(path, cfg.input_size, cfg.spacing_mm)
+        image = preprocess_scan(path, cfg.input_shape, cfg.spacing)
         sal = saliency_map(model, image.as_tensor()[None], rt, class_idx=int(decision == "PD"))
         name = f"saliency-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in image_id)}.png"
         png = overlay_png(image, sal, ctx.figures / name, title=f"{image_id}: true {label}, P(PD) {score:.3f}, "

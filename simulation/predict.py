@@ -275,7 +275,7 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
     problem = scan_problem(scan_path)  # the one scan check: a scout or a constant image is no whole-head T1
     if problem:
         raise DataError(f"{scan_path}: {problem}")
-    image = preprocess_scan(scan_path, pred.cfg.input_size, pred.cfg.spacing_mm)
+    image = preprocess_scan(scan_path, pred.cfg.input_shape, pred.cfg.spacing)
     rt = rt or runtime(amp=False)
     x = image.as_tensor()[None].to(rt.device)
     model = pred.model.to(rt.device).eval()
@@ -299,8 +299,8 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
         "source": pred.source,
         "round": pred.round,
         "selected_round": pred.selected_round,
-        "input_shape": list(pred.cfg.input_size),
-        "spacing_mm": list(pred.cfg.spacing_mm),
+        "input_shape": list(pred.cfg.input_shape),
+        "spacing_mm": list(pred.cfg.spacing),
         "device": rt.describe(),
         "saliency": None,
         "notes": notes,

@@ -61,10 +61,20 @@ def test_out_of_range_lists_choices(key, value, needle):
     assert needle in str(err.value) and key in str(err.value)
 
 
-def test_int_accepted_for_float_and_tuple_properties():
+def test_int_accepted_for_float_and_shapes_parsed_into_tuples():
     cfg = RunConfig.from_mapping({"lr": 1, "input-shape": "32,40,48", "spacing": "1.5,1.5,2"})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert cfg.input_size == (32, 40, 48) and cfg.spacing_mm == (1.5, 1.5, 2.0)
+    assert cfg.input_shape == (32, 40, 48) and cfg.spacing == (1.5, 1.5, 2.0)  # tuples from the start
+    # written back as the run-config's text, so config.json and checkpoints read like Flower's run_config
+    assert cfg.to_dict()["input-shape"] == "32,40,48" and cfg.to_dict()["spacing"] == "1.5,1.5,2.0"
+    assert RunConfig.from_mapping(cfg.to_dict(), defaults={}) == cfg
+
+
+def test_every_key_is_declared_once_with_its_help():
+    declared = RunConfig.keys()
+    assert list(declared) == list(RunConfig.from_mapping({}).to_dict())
+    assert set(declared) == set(load_defaults())  # pyproject's defaults cover exactly the declared keys
+    assert all(k.help for k in declared.values())
 
 
 def test_missing_key_without_defaults_is_named():

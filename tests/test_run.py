@@ -64,7 +64,7 @@ def test_checkpoint_round_trip(run, cfg_dict):
         np.testing.assert_array_equal(ckpt["state_dict"][k].numpy(), v)
         assert ckpt["state_dict"][k].numpy().dtype == v.dtype
     assert ckpt["config"] == cfg_dict
-    assert RunConfig.from_mapping(ckpt["config"], defaults={}).input_size == (16, 16, 16)
+    assert RunConfig.from_mapping(ckpt["config"], defaults={}).input_shape == (16, 16, 16)
     assert ckpt["model"] == {"depth": 10, "num_classes": 2}
     assert ckpt["strategy"] == {"name": "fedavg", "round": 3}
     # metrics are stored as plain JSON values: numpy scalars converted, NaN as None

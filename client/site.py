@@ -43,25 +43,52 @@ class Site:
         points at (all of the site's scans, before the split: the test scans the server holds included),
         counting the rows whose ``site`` is this site's name. ``None`` when the scans did not come from
         ``fedpd preprocess`` or the site name is not an acquisition site (a virtual iid/dirichlet site).
+        Kept per process while neither file changes: a simulation's ClientApp actors answer many messages.
         """
+        try:
+            stamp = (str(self.manifest), self.name, self.manifest.stat().st_mtime_ns)
+        except OSError:
+            return None
+        if stamp not in _QC_COUNTS:
+            _QC_COUNTS.clear()  # one site per process at a time; never grows
+            _QC_COUNTS[stamp] = self._read_qc()
+        qc_file, mtime, counts = _QC_COUNTS[stamp]
+        if qc_file is not None and _mtime(qc_file) != mtime:  # re-preprocessed meanwhile
+            _QC_COUNTS[stamp] = self._read_qc()
+            counts = _QC_COUNTS[stamp][2]
+        return counts
+
+    def _read_qc(self) -> tuple[Path | None, int | None, dict[str, int] | None]:
+        """(qc.csv, its mtime, the counts) for :meth:`preprocessing_qc`."""
         try:
             df = read_manifest(self.manifest, require_split=False)
             folders = {Path(str(p)).parent for p in df["path"]}
             if len(folders) != 1:
-                return None
+                return None, None, None
             qc_file = folders.pop() / QC_FILE
-            if not qc_file.is_file():
-                return None
+            mtime = _mtime(qc_file)
+            if mtime is None:
+                return None, None, None
             qc = pd.read_csv(qc_file, dtype=str, keep_default_na=False)
         except (OSError, ValueError, KeyError, DataError):
-            return None
+            return None, None, None
         if not {"site", "status"} <= set(qc.columns):
-            return None
+            return qc_file, mtime, None
         mine = qc[qc["site"] == self.name]
         if mine.empty:
-            return None
+            return qc_file, mtime, None
         kept = int((mine["status"] == "ok").sum())
-        return {"kept": kept, "excluded": int(len(mine) - kept)}
+        return qc_file, mtime, {"kept": kept, "excluded": int(len(mine) - kept)}
+
+
+_QC_COUNTS: dict[tuple, tuple] = {}
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> Site:

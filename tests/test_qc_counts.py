@@ -8,6 +8,7 @@ cohort section shows them.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -53,6 +54,22 @@ def test_a_site_counts_its_own_rows_of_the_qc_table(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     assert Site(name="A", index=0, manifest=_site_csv(raw, "A", ["a1"]), cache_dir=tmp_path / "c").preprocessing_qc() is None
+
+
+def test_qc_counts_are_kept_per_process_until_the_qc_table_changes(tmp_path):
+    pre = tmp_path / "preprocessed"
+    _qc(pre)
+    a = Site(name="A", index=0, manifest=_site_csv(pre, "A", ["a1"]), cache_dir=tmp_path / "c")
+    assert a.preprocessing_qc() == {"kept": 1, "excluded": 2}
+    table, stat = pre / QC_FILE, (pre / QC_FILE).stat()
+    text = table.read_text()
+    table.write_text(text.replace("a2,s2,A,excluded", "a2,s2,A,ok"))
+    os.utime(table, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime: the kept counts are used
+    assert a.preprocessing_qc() == {"kept": 1, "excluded": 2}
+    os.utime(table, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # preprocessed again: read anew
+    assert a.preprocessing_qc() == {"kept": 2, "excluded": 1}
+    table.unlink()
+    assert a.preprocessing_qc() is None
 
 
 def _instruction(node: int) -> Message:

@@ -36,7 +36,8 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import DataError
-from common.ingest import (SCAN_CHECK_CACHE, UNKNOWN_SITE, _check_outputs, _check_writable, _report_failures, _same,
+from common.files import same_file
+from common.ingest import (SCAN_CHECK_CACHE, UNKNOWN_SITE, _check_outputs, _check_writable, _report_failures,
                            write_ingested)
 from common.manifest import validate_manifest
 from common.scans import check_scans
@@ -166,7 +167,7 @@ def ingest_bids(bids_dir, out, *, diagnosis_column: str = "group", pd_values=("P
     """
     root, out = Path(bids_dir).absolute(), Path(out).absolute()
     tsv = root / PARTICIPANTS
-    if _same(out, tsv):
+    if same_file(out, tsv):
         raise DataError(f"{out}: --out is the dataset's {PARTICIPANTS}; ingest never overwrites its input: choose "
                         "another --out (a new manifest file).")
     _check_outputs(tsv, None, out, out.parent, force)
@@ -176,7 +177,7 @@ def ingest_bids(bids_dir, out, *, diagnosis_column: str = "group", pd_values=("P
     df = _read_participants(tsv, diagnosis_column, site_column)
     labels, excluded = _labels(df, tsv, diagnosis_column, pd_values, control_values)
     found, misnamed = _find_scans(root)
-    hit = [str(r["path"]) for r in found if _same(out, r["path"])]
+    hit = [str(r["path"]) for r in found if same_file(out, r["path"])]
     if hit:
         raise DataError(f"{out}: --out is a scan of the dataset ({hit[0]}); choose another --out.")
     _check_writable(out.parent, "output")

@@ -50,6 +50,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from common.errors import DataError
+from common.files import same_file
 from common.manifest import validate_manifest, write_manifest
 from common.scans import check_scans
 
@@ -234,27 +235,15 @@ def _locate(iid: str, folders: list[Path] | None, download: Path) -> tuple[str, 
 PHANTOM_MARKER = "phantom.json"  # written by `fedpd phantom` at the top of its download folder
 
 
-def _same(a: Path, b: Path | None) -> bool:
-    """True when two paths name one file (resolved, symlinks followed; hard links caught by samefile)."""
-    if b is None:
-        return False
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _check_outputs(csv: Path, sites_csv: Path | None, out: Path, cache: Path, force: bool) -> None:
     """Refuse outputs that would overwrite what the user gave, before any work."""
     inputs = [("--csv", csv), ("--sites-csv", sites_csv)]
     for flag, path in inputs:
-        if _same(out, path):
+        if same_file(out, path):
             raise DataError(f"{out}: --out is the same file as {flag} {path}; ingest never overwrites its input: "
                             "choose another --out (a new manifest file). Nothing was converted.")
     for flag, path in inputs + [("--out", out)]:
-        if _same(cache, path):
+        if same_file(cache, path):
             raise DataError(f"{cache}: --nifti-cache is the same path as {flag} {path}; the NIfTI cache is a folder "
                             "for converted scans: choose another folder (default: <out folder>/nifti). Nothing was "
                             "converted.")

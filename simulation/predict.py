@@ -28,8 +28,9 @@ import torch
 from common.config import RunConfig
 from common.device import Runtime, runtime
 from common.errors import CheckpointError, ConfigError, DataError
-from common.keys import CLASS_NAMES
 from common.evaluation import model_from_checkpoint
+from common.files import same_file
+from common.keys import CLASS_NAMES
 from common.model import nonfinite_tensors
 from common.run import RunDir
 from common.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
@@ -93,15 +94,6 @@ def is_fedpd_png(path: str | Path) -> bool:
     return False
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a == b:
-        return True
-    try:
-        return os.path.samefile(a, b)  # hard links, bind mounts
-    except OSError:
-        return False
-
-
 def check_saliency_path(out: str | Path, scan: str | Path, checkpoint: str | Path) -> Path:
     """Refuse a ``--saliency`` path that would overwrite an input or a file fedpd did not write.
 
@@ -119,7 +111,7 @@ def check_saliency_path(out: str | Path, scan: str | Path, checkpoint: str | Pat
     given = Path(out).expanduser()
     target = given.resolve()
     for role, other in (("scan", scan), ("checkpoint", checkpoint)):
-        if _same_file(target, Path(other).expanduser().resolve()):
+        if same_file(target, Path(other).expanduser().resolve()):
             raise DataError(f"{given}: is the {role} given to predict ({other}); writing the figure there would "
                             f"destroy it: {_SALIENCY_FIX}")
     if target.is_dir():

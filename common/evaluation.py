@@ -25,6 +25,7 @@ from common.errors import CheckpointError
 from common.keys import NUM_CLASSES
 from common.metrics import MetricUndefinedWarning, binary_metrics, bootstrap_ci, best_threshold
 from common.model import build_med3d
+from common.records import RoundRecord
 from common.run import SELECTION_RULE, RunDir, atomic_write_bytes, atomic_write_text, select_round
 from common.train import EvalResult, load_state_numpy, predict
 
@@ -124,7 +125,7 @@ def _train_loss(sites: dict[str, dict]) -> float | None:
 def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFrame,
                 cache_dir: Path, started: float, strategy: str, sites: dict[str, dict],
                 site_eval: dict | None = None, missing_sites: list | None = None, failures: list | None = None,
-                rejected: list | None = None, site_qc: dict | None = None) -> dict:
+                rejected: list | None = None, site_qc: dict | None = None) -> RoundRecord:
     """The server side of a round, the same for the ServerApp and every baseline arm: validate the round's
     model on the server's val rows, build the round record, append it to ``rounds.jsonl``, then checkpoint.
 
@@ -134,22 +135,12 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
     """
     metrics = validation_metrics(model, val_rows, cfg, rt, cache_dir)
     total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
-    record = {
-        "round": g,
-        "train_loss": _train_loss(sites),
-        "num_examples": total,
-        "sites": sites,
-        "site_eval": site_eval or {},
-        "missing_sites": missing_sites or [],
-        "failures": failures or [],
-        "rejected": rejected or [],
-        **({"site_qc": site_qc} if site_qc else {}),
-        "val": metrics,
-        "wall_seconds": time.time() - started,
-    }
+    record = RoundRecord(round=g, val=metrics, train_loss=_train_loss(sites), num_examples=total, sites=sites,
+                         site_eval=site_eval or {}, missing_sites=missing_sites or [], failures=failures or [],
+                         rejected=rejected or [], site_qc=site_qc or {}, wall_seconds=time.time() - started)
     run.append_round(record)
     run.save_checkpoint(g, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, config=cfg.to_dict(),
-                        metrics=record, model=model_args(cfg), strategy={"name": strategy, "round": g})
+                        metrics=record.to_dict(), model=model_args(cfg), strategy={"name": strategy, "round": g})
     return record
 
 

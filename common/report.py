@@ -31,8 +31,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from common import keys
 from common.errors import DataError
 from common.keys import CLASS_NAMES
+from common.records import RoundRecord
 from common.run import RunDir, atomic_write_bytes, atomic_write_text
 
 __all__ = ["render_report", "SECTION_IDS", "REPORT_HTML", "FIGURES_DIR", "baseline_hint"]
@@ -140,7 +142,7 @@ def _note(text: str, kind: str = "note") -> str:
 class _Run:
     root: Path
     report: dict
-    rounds: list[dict]
+    rounds: list[RoundRecord]
     preds: pd.DataFrame | None
     compare: tuple[Path, ...]
     saliency_scans: int
@@ -382,12 +384,12 @@ def _section_split_audit(ctx: _Run) -> str:
     return "".join(out)
 
 
-def _series(ctx: _Run, get: Callable[[dict], Any]) -> tuple[list[int], list[float]]:
+def _series(ctx: _Run, get: Callable[[RoundRecord], Any]) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in ctx.rounds:
         v = _num(get(r))
-        if v is not None and r.get("round") is not None:
-            xs.append(int(r["round"]))
+        if v is not None:
+            xs.append(r.round)
             ys.append(v)
     return xs, ys
 
@@ -398,18 +400,18 @@ def _section_curves(ctx: _Run) -> str:
     selected = ctx.report.get("selected_round")
     fig = _figure(11, 4)
     ax1, ax2 = fig.subplots(1, 2)
-    sites = sorted({s for r in ctx.rounds for s in (r.get("sites") or {})}, key=_site_key)
+    sites = sorted({s for r in ctx.rounds for s in r.sites}, key=_site_key)
     for site in sites:
-        xs, ys = _series(ctx, lambda r, s=site: ((r.get("sites") or {}).get(s) or {}).get("train-loss"))
+        xs, ys = _series(ctx, lambda r, s=site: r.sites.get(s, {}).get(keys.TRAIN_LOSS))
         if xs:
             ax1.plot(xs, ys, lw=0.8, alpha=0.5, marker=".", label=f"site {site} train")
-    for label, get, style in (("train loss (weighted mean)", lambda r: r.get("train_loss"), "o-"),
-                              ("server val loss", lambda r: (r.get("val") or {}).get("loss"), "s--")):
+    for label, get, style in (("train loss (weighted mean)", lambda r: r.train_loss, "o-"),
+                              ("server val loss", lambda r: r.val["loss"], "s--")):
         xs, ys = _series(ctx, get)
         if xs:
             ax1.plot(xs, ys, style, lw=1.8, label=label)
     for label, key, style in (("server val AUC", "auc", "o-"), ("server val balanced acc.", "balanced_accuracy", "s--")):
-        xs, ys = _series(ctx, lambda r, k=key: (r.get("val") or {}).get(k))
+        xs, ys = _series(ctx, lambda r, k=key: r.val[k])
         if xs:
             ax2.plot(xs, ys, style, lw=1.8, label=label)
     ax2.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
@@ -425,11 +427,10 @@ def _section_curves(ctx: _Run) -> str:
     img = _save(ctx, fig, "curves.png", "training loss and validation AUC per round")
     rows = []
     for r in ctx.rounds:
-        v = r.get("val") or {}
-        rows.append([r.get("round"), fmt(r.get("train_loss")), fmt(v.get("loss")), fmt(v.get("auc")),
-                     fmt(v.get("balanced_accuracy")), r.get("num_examples", "n/a"), fmt(r.get("wall_seconds"), 1)])
+        rows.append([r.round, fmt(r.train_loss), fmt(r.val["loss"]), fmt(r.val["auc"]), fmt(r.val["balanced_accuracy"]),
+                     r.num_examples, fmt(r.wall_seconds, 1)])
     table = _table(["round", "train loss", "val loss", "val AUC", "val bal. acc.", "train scans", "wall s"], rows,
-                   ["selected" if r.get("round") == selected else "" for r in ctx.rounds])
+                   ["selected" if r.round == selected else "" for r in ctx.rounds])
     return (f"<figure>{img}<figcaption>Training loss (mean over sites weighted by their scans, and per site) and the "
             f"server validation metrics per round; the dash-dot line marks the selected round.</figcaption></figure>"
             f"<details><summary>Per-round numbers</summary>{table}</details>")
@@ -613,10 +614,10 @@ def _section_participation(ctx: _Run) -> str:
         source = "report.json participation"
     elif ctx.rounds:
         for r in ctx.rounds:
-            rej = [x.get("site", x) if isinstance(x, dict) else x for x in (r.get("rejected") or [])]
-            fail = [x.get("site", x) if isinstance(x, dict) else x for x in (r.get("failures") or [])]
-            rows.append([r.get("round"), ", ".join(sorted(r.get("sites") or {}, key=_site_key)) or "-",
-                         ", ".join(map(str, r.get("missing_sites") or [])) or "-", "-",
+            rej = [x.get("site", "?") for x in r.rejected]
+            fail = [x.get("site", "?") for x in r.failures]
+            rows.append([r.round, ", ".join(sorted(r.sites, key=_site_key)) or "-",
+                         ", ".join(map(str, r.missing_sites)) or "-", "-",
                          ", ".join(map(str, rej)) or "-", ", ".join(map(str, fail)) or "-"])
         source = "rounds.jsonl"
     else:
@@ -916,7 +917,7 @@ def render_report(run_root: Path, compare: Sequence[Path] = (), saliency_scans: 
                saliency_scans=int(saliency_scans), figures=root / FIGURES_DIR)
     try:
         ctx.rounds = RunDir(root).read_rounds()
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, DataError) as exc:
         ctx.problems.append(f"rounds.jsonl unreadable: {exc}")
     try:
         ctx.preds = _read_predictions(root / "predictions.csv")

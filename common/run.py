@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from common.errors import CheckpointError, DataError
+from common.records import RoundRecord
 
 __all__ = ["RunDir", "CHECKPOINT_FORMAT", "select_round", "SELECTION_RULE", "git_commit", "GIT_COMMIT_ENV", "atomic_write_text", "atomic_write_bytes"]
 
@@ -174,24 +175,39 @@ class RunDir:
             raise CheckpointError(f"{path}: not a fedpd run checkpoint (no format {CHECKPOINT_FORMAT!r}); for a MedicalNet file use pretrained-path")
         return payload
 
-    def append_round(self, record: dict) -> None:
+    def append_round(self, record: RoundRecord) -> None:
         """Append one JSON line to ``rounds.jsonl`` and flush it to disk."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.rounds_file, "a") as fh:
-            fh.write(dumps(record) + "\n")
+            fh.write(dumps(record.to_dict()) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def read_rounds(self) -> list[dict]:
-        """All round records, in file order."""
+    def read_rounds(self) -> list[RoundRecord]:
+        """All round records, in file order.
+
+        Raises:
+            DataError: a line that is not JSON or not a round record (the message names file and line).
+        """
         if not self.rounds_file.exists():
             return []
-        return [json.loads(line) for line in self.rounds_file.read_text().splitlines() if line.strip()]
+        records = []
+        for n, line in enumerate(self.rounds_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{self.rounds_file}:{n}"
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not JSON ({exc.msg}); the file was edited or cut short: restore it, or "
+                                "delete the run folder and start over") from exc
+            records.append(RoundRecord.from_dict(data, where))
+        return records
 
-    def truncate_rounds(self, last_round: int) -> list[dict]:
+    def truncate_rounds(self, last_round: int) -> list[RoundRecord]:
         """Keep only records with ``round <= last_round`` (used when resuming after a crash)."""
-        kept = [r for r in self.read_rounds() if r.get("round", 0) <= last_round]
-        atomic_write_text(self.rounds_file, "".join(dumps(r) + "\n" for r in kept))
+        kept = [r for r in self.read_rounds() if r.round <= last_round]
+        atomic_write_text(self.rounds_file, "".join(dumps(r.to_dict()) + "\n" for r in kept))
         return kept
 
     def write_json(self, name: str, obj: Any) -> Path:
@@ -207,7 +223,7 @@ def _finite(value) -> bool:
 SELECTION_RULE = "lowest validation loss (ties: higher validation AUC, then earlier round)"
 
 
-def select_round(records: list[dict], by: str = "loss") -> int:
+def select_round(records: list[RoundRecord], by: str = "loss") -> int:
     """The round whose model is best on *validation*; test is never used.
 
     ``by="loss"`` (the default, :data:`SELECTION_RULE`): the lowest validation cross-entropy; ties go to the
@@ -226,16 +242,16 @@ def select_round(records: list[dict], by: str = "loss") -> int:
         ValueError: no record has a defined validation metric or loss.
     """
     def val(r, key):
-        v = (r.get("val") or {}).get(key)
+        v = r.val.get(key)
         return v if _finite(v) else None
 
     def by_loss(rs):
-        return int(min(rs, key=lambda r: (val(r, "loss"), -(val(r, "auc") if val(r, "auc") is not None else -math.inf),
-                                          r["round"]))["round"])
+        return min(rs, key=lambda r: (val(r, "loss"), -(val(r, "auc") if val(r, "auc") is not None else -math.inf),
+                                      r.round)).round
 
     def by_metric(rs, metric):
-        return int(max(rs, key=lambda r: (val(r, metric), -(val(r, "loss") if val(r, "loss") is not None else math.inf),
-                                          -r["round"]))["round"])
+        return max(rs, key=lambda r: (val(r, metric), -(val(r, "loss") if val(r, "loss") is not None else math.inf),
+                                      -r.round)).round
 
     metric = "auc" if by == "loss" else by
     with_loss = [r for r in records if val(r, "loss") is not None]

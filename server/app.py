@@ -17,6 +17,7 @@ from common.config import RunConfig
 from common.device import runtime
 from common.errors import RunFailedError
 from common.evaluation import close_round, finalize_run
+from common.records import RoundRecord
 from server.setup import ServerSetup, prepare
 from server.strategy import RecordingFedAvg
 
@@ -36,7 +37,7 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
         # a site that fails before it ever answered is known by node id only; name it once a later reply did
         failures=[f | {"site": strategy.node_sites.get(f.get("node"), f["site"])} for f in strategy.failed.get(g, [])],
         rejected=strategy.rejected.get(g, []), site_qc=strategy.site_qc.get(g))
-    metrics = record["val"]
+    metrics = record.val
     log(INFO, "round %d: val AUC %.3f, val loss %.4f, checkpoint %s", g, metrics["auc"], metrics["loss"],
         setup.run.checkpoint_path(g))
     return MetricRecord({keys.VAL_AUC: float(metrics["auc"]), keys.VAL_LOSS: float(metrics["loss"])})
@@ -47,38 +48,38 @@ def fedavg_arm(cfg: RunConfig) -> str:
     return "fedavg" if cfg.pretrained_path else "fedavg (random init)"
 
 
-def _site_counts(records: list[dict]) -> dict[str, dict]:
+def _site_counts(records: list[RoundRecord]) -> dict[str, dict]:
     """Per site, the training class counts and num-examples it last reported (counts only, never rows)."""
     counts: dict[str, dict] = {}
     for rec in records:
-        for site, m in rec.get("sites", {}).items():
+        for site, m in rec.sites.items():
             counts[site] = {"control": int(m.get(keys.class_count_key(0), 0)), "pd": int(m.get(keys.class_count_key(1), 0)),
-                            "num_examples": int(m.get(keys.NUM_EXAMPLES, 0)), "round": rec["round"]}
+                            "num_examples": int(m.get(keys.NUM_EXAMPLES, 0)), "round": rec.round}
     return counts
 
 
-def _preprocessing_qc(records: list[dict]) -> dict:
+def _preprocessing_qc(records: list[RoundRecord]) -> dict:
     """``{"preprocessing_qc": {site: {"kept": n, "excluded": m}}}`` as the sites last reported it (counts
     only; each site's qc.csv keeps the reasons), or ``{}`` when no site's scans came from fedpd preprocess."""
     qc: dict[str, dict] = {}
     for rec in records:
-        qc.update(rec.get("site_qc") or {})
+        qc.update(rec.site_qc)
     return {"preprocessing_qc": dict(sorted(qc.items()))} if qc else {}
 
 
-def _participation(records: list[dict]) -> dict[str, dict]:
+def _participation(records: list[RoundRecord]) -> dict[str, dict]:
     """Per round: sites aggregated, sites asked that sent no usable update (timed out, failed or rejected),
     sites seen in this run but not asked (disconnected, or not drawn), and the rejections with reasons."""
     seen = set()
     for rec in records:
-        seen |= set(rec.get("sites", {})) | set(rec.get("missing_sites", []))
+        seen |= set(rec.sites) | set(rec.missing_sites)
     out = {}
     for rec in records:
-        trained, missing = sorted(rec.get("sites", {})), sorted(rec.get("missing_sites", []))
-        out[str(rec["round"])] = {
+        trained, missing = sorted(rec.sites), sorted(rec.missing_sites)
+        out[str(rec.round)] = {
             "trained": trained, "missing": missing, "not_sampled": sorted(seen - set(trained) - set(missing)),
-            "rejected": [{"site": r["site"], "phase": r["phase"], "reason": r["reason"]} for r in rec.get("rejected", [])],
-            "failed": [{"site": f["site"], "phase": f.get("phase"), "reason": f["reason"]} for f in rec.get("failures", [])],
+            "rejected": [{"site": r["site"], "phase": r["phase"], "reason": r["reason"]} for r in rec.rejected],
+            "failed": [{"site": f["site"], "phase": f.get("phase"), "reason": f["reason"]} for f in rec.failures],
         }
     return out
 
@@ -94,23 +95,23 @@ def _reason_text(reason) -> str:
     return text.rstrip("'>").strip().splitlines()[-1] if text.strip() else "?"
 
 
-def _require_training(setup: ServerSetup, records: list[dict]) -> None:
+def _require_training(setup: ServerSetup, records: list[RoundRecord]) -> None:
     """Stop before any test metric when no round aggregated a site update: the model is the untrained one.
 
     Writes ``failure.json`` (per round: the sites asked and why each sent nothing usable) beside the
     checkpoints, so ``fedpd simulate`` can show the sites' reasons, and raises :class:`RunFailedError`.
     """
-    if any(rec.get("sites") for rec in records):
+    if any(rec.sites for rec in records):
         return
     reasons = []
     for rec in records:
-        for f in rec.get("failures", []):
-            reasons.append({"round": rec["round"], "site": f.get("site"), "phase": f.get("phase", "train"), "reason": f.get("reason")})
-        for r in rec.get("rejected", []):
-            reasons.append({"round": rec["round"], "site": r.get("site"), "phase": r.get("phase"), "reason": "rejected: " + str(r.get("reason"))})
-        for site in rec.get("missing_sites", []):
-            if not any(x["site"] == site and x["round"] == rec["round"] for x in reasons):
-                reasons.append({"round": rec["round"], "site": site, "phase": "train", "reason": "no reply before round-timeout"})
+        for f in rec.failures:
+            reasons.append({"round": rec.round, "site": f.get("site"), "phase": f.get("phase", "train"), "reason": f.get("reason")})
+        for r in rec.rejected:
+            reasons.append({"round": rec.round, "site": r.get("site"), "phase": r.get("phase"), "reason": "rejected: " + str(r.get("reason"))})
+        for site in rec.missing_sites:
+            if not any(x["site"] == site and x["round"] == rec.round for x in reasons):
+                reasons.append({"round": rec.round, "site": site, "phase": "train", "reason": "no reply before round-timeout"})
     lines = [f"  round {x['round']}, site {x['site']} ({x['phase']}): {_reason_text(x['reason'])}" for x in reasons[:30]]
     message = (f"no site update was aggregated in any of the {len(records)} round(s): the global model is the untrained "
                "initial model, so no test metric is reported. The sites' reasons:\n" + ("\n".join(lines) or "  (none recorded)")

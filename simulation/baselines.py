@@ -91,9 +91,8 @@ def _train_arm(arm: str, train_rows: pd.DataFrame, server: pd.DataFrame, cfg: Ru
                 keys.class_count_key(0): int(counts.get(0, 0)), keys.class_count_key(1): int(counts.get(1, 0))}
         record = close_round(run, model, r, cfg=cfg, rt=rt, val_rows=val_rows, cache_dir=server_cache, started=start,
                              strategy=arm, sites={arm: site})
-        metrics = record["val"]
         print(f"baseline {arm}: round {r}/{cfg.num_server_rounds}: train loss {res.loss:.4f}, "
-              f"val AUC {metrics['auc']:.3f}, {record['wall_seconds']:.0f}s", flush=True)
+              f"val AUC {record.val['auc']:.3f}, {record.wall_seconds:.0f}s", flush=True)
     info = data_info | {"site_train_counts": {arm: {"control": int(counts.get(0, 0)), "pd": int(counts.get(1, 0)),
                                                     "num_examples": len(train_rows)}}}
     return finalize_run(run, cfg, rt, val_rows, test_rows, server_cache, extra={"data": info}, arm=arm)

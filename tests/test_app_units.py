@@ -29,6 +29,7 @@ from common.device import runtime
 from common.errors import ConfigError
 from common.evaluation import model_args
 from common.manifest import read_manifest, write_manifest
+from common.records import RoundRecord
 from common.model import build_med3d
 from common.run import RunDir
 from common.train import state_dict_numpy
@@ -345,7 +346,7 @@ def _finished_rounds(out: Path, cfg: RunConfig, state: dict[str, np.ndarray], sa
         run.save_checkpoint(r, state, config=cfg.to_dict(), metrics={"round": r}, model={"depth": 10, "num_classes": 2},
                             strategy={"name": "fedavg", "round": r})
     for r in logged:
-        run.append_round({"round": r, "val": {"auc": 0.5 + r / 10, "loss": 0.5}})
+        run.append_round(RoundRecord(round=r, val={"auc": 0.5 + r / 10, "loss": 0.5}))
     return run
 
 
@@ -356,12 +357,12 @@ def test_prepare_refuses_existing_run_without_resume(server_csv, tmp_path, med3d
     with pytest.raises(ConfigError, match="already holds a run") as exc:
         prepare(cfg, CPU)
     assert "resume=true" in str(exc.value) and "round(s) 1..2" in str(exc.value)
-    assert [r["round"] for r in RunDir(out).read_rounds()] == [1, 2, 3]  # nothing was touched
+    assert [r.round for r in RunDir(out).read_rounds()] == [1, 2, 3]  # nothing was touched
 
 
 def test_prepare_refuses_folder_with_only_rounds_log(server_csv, tmp_path):
     out = tmp_path / "out"
-    RunDir(out).append_round({"round": 1})
+    RunDir(out).append_round(RoundRecord(round=1, val={}))
     with pytest.raises(ConfigError, match="already holds a run"):
         prepare(server_cfg(server_csv, out), CPU)
 
@@ -372,7 +373,7 @@ def test_prepare_resume_from_last_checkpoint(server_csv, tmp_path, med3d_state):
     _finished_rounds(out, cfg, med3d_state, saved=(1, 2), logged=(1, 2, 3))
     setup = prepare(cfg, CPU)
     assert setup.start_round == 2
-    assert [r["round"] for r in setup.run.read_rounds()] == [1, 2]  # round 3 had no checkpoint: dropped
+    assert [r.round for r in setup.run.read_rounds()] == [1, 2]  # round 3 had no checkpoint: dropped
     initial_state = setup.model.state_dict()
     assert set(initial_state) == set(med3d_state)
     for k, v in med3d_state.items():

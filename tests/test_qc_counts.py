@@ -19,6 +19,7 @@ from client.app import _reply
 from client.site import QC_FILE, Site
 from common import keys
 from common.manifest import write_manifest
+from common.records import RoundRecord
 from common.report import render_report
 from server.app import _preprocessing_qc
 from server.strategy import RecordingFedAvg
@@ -94,9 +95,9 @@ def test_counts_ride_in_the_site_record_and_reach_the_report(tmp_path):
     assert sorted(strategy.train_sites[1]) == ["A", "B"]
     assert strategy.site_qc[1] == {"A": {"kept": 1, "excluded": 2}, "B": {"kept": 1, "excluded": 0}}
 
-    data = _preprocessing_qc([{"round": 1, "site_qc": strategy.site_qc[1]}, {"round": 2}])
+    data = _preprocessing_qc([RoundRecord(round=1, val={}, site_qc=strategy.site_qc[1]), RoundRecord(round=2, val={})])
     assert data == {"preprocessing_qc": {"A": {"kept": 1, "excluded": 2}, "B": {"kept": 1, "excluded": 0}}}
-    assert _preprocessing_qc([{"round": 1}]) == {}
+    assert _preprocessing_qc([RoundRecord(round=1, val={})]) == {}
 
     run = tmp_path / "run"
     run.mkdir()

@@ -22,6 +22,7 @@ import pytest
 from common.config import RunConfig
 from common.device import runtime
 from common.evaluation import finalize_run, make_model
+from common.records import RoundRecord
 from common.report import SECTION_IDS, render_report
 from common.run import RunDir
 from simulation.cli import main
@@ -85,12 +86,12 @@ def _build_run(root: Path, source: str, data_extra: dict, extra: dict, block_fig
         model = make_model(cfg.replace(seed=r))
         run.save_checkpoint(r, {k: v.numpy() for k, v in model.state_dict().items()}, config=cfg.to_dict(),
                             metrics={"round": r}, model=MODEL_ARGS)
-        run.append_round({"round": r, "train_loss": 0.7 - 0.1 * r, "num_examples": 20,
+        run.append_round(RoundRecord.from_dict({"round": r, "train_loss": 0.7 - 0.1 * r, "num_examples": 20,
                           "sites": {s: {"num-examples": 10, "train-loss": 0.7 - 0.05 * r * i,
                                         "class-count-0": 4, "class-count-1": 6} for i, s in enumerate(("10", "20"), 1)},
                           "missing_sites": [], "failures": [], "rejected": [],
                           "val": {"auc": auc, "balanced_accuracy": 0.5 + r / 10, "loss": 0.7 - r / 20},
-                          "wall_seconds": 1.0 + r})
+                          "wall_seconds": 1.0 + r}))
     if block_figures:  # a file where figures/ should go: render_report fails, finalize_run must not
         (run.root / "figures").write_text("not a folder")
     data = {"server_split_audit": _audit(val, test),

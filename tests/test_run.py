@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from common.config import RunConfig
 from common.errors import CheckpointError, DataError
+from common.records import ROUNDS_SCHEMA, RoundRecord
 from common.run import CHECKPOINT_FORMAT, RunDir, atomic_write_text, dumps, select_round
 
 
@@ -140,31 +142,59 @@ def test_checkpoint_error_is_a_value_error():
 def test_append_read_truncate_rounds(run):
     assert run.read_rounds() == []
     for r in (1, 2, 3, 4):
-        run.append_round({"round": r, "val": {"auc": r / 10, "loss": float("nan")}})
+        run.append_round(RoundRecord.from_dict({"round": r, "val": {"auc": r / 10, "loss": float("nan")}}))
     lines = run.rounds_file.read_text().splitlines()
     assert len(lines) == 4
     assert all("NaN" not in line for line in lines)
     for line in lines:
         json.loads(line)  # strict JSON, one object per line
     records = run.read_rounds()
-    assert [r["round"] for r in records] == [1, 2, 3, 4]
-    assert records[0]["val"] == {"auc": 0.1, "loss": None}
+    assert [r.round for r in records] == [1, 2, 3, 4]
+    assert records[0].val["auc"] == 0.1 and records[0].val["loss"] is None  # NaN is written as null
+    assert records[0].schema == ROUNDS_SCHEMA and '"schema": 1' in lines[0]
 
     kept = run.truncate_rounds(2)
-    assert [r["round"] for r in kept] == [1, 2]
-    assert [r["round"] for r in run.read_rounds()] == [1, 2]
+    assert [r.round for r in kept] == [1, 2]
+    assert [r.round for r in run.read_rounds()] == [1, 2]
     assert mode(run.rounds_file) == 0o644
     assert not list(run.root.glob(".*.tmp"))
 
-    run.append_round({"round": 3})  # appending after a truncation continues the file
-    assert [r["round"] for r in run.read_rounds()] == [1, 2, 3]
+    run.append_round(RoundRecord(round=3, val={}))  # appending after a truncation continues the file
+    assert [r.round for r in run.read_rounds()] == [1, 2, 3]
     assert run.truncate_rounds(0) == []
     assert run.read_rounds() == []
 
 
 def test_read_rounds_skips_blank_lines(run):
     run.rounds_file.write_text('{"round": 1}\n\n{"round": 2}\n')
-    assert [r["round"] for r in run.read_rounds()] == [1, 2]
+    assert [r.round for r in run.read_rounds()] == [1, 2]
+
+
+def test_rounds_written_before_the_schema_still_load(run):
+    """A line as fedpd wrote it before rounds.jsonl had a schema (no "schema" key, no site_qc)."""
+    old = {"round": 1, "train_loss": 0.61, "num_examples": 12, "sites": {"A": {"num-examples": 12, "train-loss": 0.61}},
+           "site_eval": {}, "missing_sites": [], "failures": [], "rejected": [],
+           "val": {"n": 6, "accuracy": 0.5, "balanced_accuracy": 0.5, "sensitivity": 1.0, "specificity": 0.0,
+                   "auc": None, "loss": 0.69}, "wall_seconds": 3.2}
+    run.rounds_file.write_text(json.dumps(old) + "\n")
+    (rec,) = run.read_rounds()
+    assert rec.round == 1 and rec.schema == 1 and rec.sites == old["sites"] and rec.val["auc"] is None
+    assert rec.site_qc == {} and "site_qc" not in rec.to_dict()
+    assert {k: v for k, v in rec.to_dict().items() if k != "schema"} == old  # nothing lost or invented
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("[1, 2]", "must be a JSON object"),
+    ('{"round": "1"}', "integer 'round'"),
+    ('{"round": 1, "colour": "red"}', "unknown key(s) in a round record: colour"),
+    ('{"round": 1, "schema": 99}', "newer than this fedpd"),
+    ('{"round": 1', "not JSON"),
+])
+def test_a_bad_round_line_is_named_with_file_and_line(run, line, needle):
+    run.rounds_file.write_text('{"round": 1}\n' + line + "\n")
+    with pytest.raises(DataError, match=re.escape(needle)) as err:
+        run.read_rounds()
+    assert f"{run.rounds_file}:2" in str(err.value)
 
 
 def test_write_json_and_atomic_write_text(run):
@@ -204,7 +234,11 @@ def test_dumps_rejects_unknown_types():
 
 
 def rec(round_, auc, loss=0.5):
-    return {"round": round_, "val": {"auc": auc, "loss": loss}}
+    return RoundRecord(round=round_, val={"auc": auc, "loss": loss})
+
+
+def recs(*dicts):
+    return [RoundRecord.from_dict(d) for d in dicts]
 
 
 def test_select_round_lowest_val_loss_by_default():
@@ -247,13 +281,13 @@ def test_select_round_after_json_round_trip(run):
     """rounds.jsonl stores NaN as null; selection must still skip it."""
     for r in (rec(1, 0.9, float("nan")), rec(2, 0.55, 0.9), rec(3, 0.7, 0.8)):
         run.append_round(r)
-    assert run.read_rounds()[0]["val"]["loss"] is None
+    assert run.read_rounds()[0].val["loss"] is None
     assert select_round(run.read_rounds()) == 3
 
 
 def test_select_round_other_metric():
-    records = [{"round": 1, "val": {"auc": 0.9, "balanced_accuracy": 0.5, "loss": 0.5}},
-               {"round": 2, "val": {"auc": 0.6, "balanced_accuracy": 0.7, "loss": 0.5}}]
+    records = recs({"round": 1, "val": {"auc": 0.9, "balanced_accuracy": 0.5, "loss": 0.5}},
+                   {"round": 2, "val": {"auc": 0.6, "balanced_accuracy": 0.7, "loss": 0.5}})
     assert select_round(records, by="balanced_accuracy") == 2
 
 
@@ -261,13 +295,13 @@ def test_select_round_empty_raises():
     with pytest.raises(ValueError, match="no round has a validation auc or loss"):
         select_round([])
     with pytest.raises(ValueError, match="no round has"):
-        select_round([{"round": 1}, {"round": 2, "val": {}}])
+        select_round(recs({"round": 1}, {"round": 2, "val": {}}))
 
 
 def test_select_round_falls_back_to_the_other_criterion_with_warning():
-    records = [{"round": 1, "val": {"auc": None, "loss": 0.7}}, {"round": 2, "val": {"auc": float("nan"), "loss": 0.6}}]
+    records = recs({"round": 1, "val": {"auc": None, "loss": 0.7}}, {"round": 2, "val": {"auc": float("nan"), "loss": 0.6}})
     with pytest.warns(RuntimeWarning, match="undefined in every round"):
         assert select_round(records, by="auc") == 2
-    records = [{"round": 1, "val": {"auc": 0.7, "loss": None}}, {"round": 2, "val": {"auc": 0.6, "loss": float("nan")}}]
+    records = recs({"round": 1, "val": {"auc": 0.7, "loss": None}}, {"round": 2, "val": {"auc": 0.6, "loss": float("nan")}})
     with pytest.warns(RuntimeWarning, match="undefined in every round"):
         assert select_round(records) == 1

@@ -18,6 +18,7 @@ from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, Met
 from client.app import _reply
 from client.site import Site
 from common import keys
+from common.records import RoundRecord
 from server.strategy import (EVALUATE_METRIC_KEYS, MAX_NUM_EXAMPLES, RecordingFedAvg, check_evaluate_reply,
                              check_train_reply)
 
@@ -223,7 +224,7 @@ def test_participation_table_of_the_report():
         {"round": 3, "sites": {"A": {}}, "missing_sites": ["B"], "failures": [],
          "rejected": [{"site": "B", "node": 7, "round": 3, "phase": "train", "reason": "array 'w' holds 1 non-finite"}]},
     ]
-    table = _participation(records)
+    table = _participation([RoundRecord.from_dict(r, "test") for r in records])
     assert table["1"] == {"trained": ["A", "B", "C"], "missing": [], "not_sampled": [], "rejected": [], "failed": []}
     assert table["2"]["missing"] == ["C"] and table["2"]["failed"][0]["site"] == "C"
     assert table["3"] == {"trained": ["A"], "missing": ["B"], "not_sampled": ["C"],

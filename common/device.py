@@ -70,7 +70,7 @@ def runtime(amp: bool = True, requested: str | None = None) -> Runtime:
 
 
 def deterministic_kernels(device: torch.device) -> bool:
-    """On CPU, make torch use deterministic kernels (``torch.use_deterministic_algorithms``, warn-only).
+    """On CPU, make torch use deterministic kernels (warn-only: ``torch.set_deterministic_debug_mode("warn")``).
 
     The CPU kernels our model and loaders use are deterministic already; this guards the future: an op
     that has only a nondeterministic CPU kernel then warns instead of silently varying from run to run.
@@ -78,10 +78,14 @@ def deterministic_kernels(device: torch.device) -> bool:
     CUDA starts, are slower, and several 3D backward kernels (pooling, interpolation) have no
     deterministic CUDA version, so GPU runs are reproducible only up to float rounding.
 
+    The same eager-mode switch as ``torch.use_deterministic_algorithms(True, warn_only=True)``, which also
+    imports ``torch._inductor`` to set a torch.compile option fedpd never uses: 1.2 s idle and 3.4 s on a
+    busy machine in every ClientApp process, i.e. every site message (measured; BENCHMARKS.md).
+
     Returns:
         Whether the setting was applied (``True`` on CPU).
     """
     if device.type != "cpu":
         return False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_deterministic_debug_mode("warn")
     return True

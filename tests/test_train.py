@@ -268,3 +268,16 @@ def test_load_state_numpy_rejects_wrong_shape():
     arrays["fc.weight"] = np.zeros((3, 8), dtype=np.float32)
     with pytest.raises(RuntimeError, match="fc.weight"):
         load_state_numpy(TinyNet(), arrays)
+
+
+def test_deterministic_kernels_sets_warn_only_mode_without_importing_inductor():
+    """The CPU switch every ClientApp process sets: deterministic, warn-only, and no torch._inductor import
+    (torch.use_deterministic_algorithms imports it: seconds per site message). In a fresh interpreter."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from common.device import deterministic_kernels; "
+            "assert deterministic_kernels(torch.device('cpu')); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+            "'torch._inductor' in sys.modules, deterministic_kernels(torch.device('meta')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "False", "False"]

@@ -35,12 +35,13 @@ from sklearn.metrics import roc_auc_score
 
 from common.config import RunConfig
 from common.device import runtime
-from common.evaluation import evaluate_rows, make_model, train_loader
-from common.ingest import ingest
-from common.manifest import read_manifest
-from common.metrics import best_threshold, bootstrap_ci
-from common.splits import split_manifest
-from common.train import train_local
+from common.learning.train import evaluate_rows, train_loader
+from common.learning.model import make_model
+from common.cohort.ingest import ingest
+from common.cohort.manifest import read_manifest
+from common.learning.metrics import best_threshold, bootstrap_ci
+from common.cohort.splits import split_manifest
+from common.learning.train import train_local
 from simulation import phantom
 
 DEMO_COHORT = {"subjects": 120, "sites": 3, "shape": 48}
@@ -64,7 +65,7 @@ def proxy_auc(rows, cfg: RunConfig, pool: int, seed: int) -> float:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from common.transforms import deterministic_transforms
+    from common.learning.transforms import deterministic_transforms
 
     tf = deterministic_transforms(cfg.input_shape, cfg.spacing)
     x = []

@@ -1,4 +1,4 @@
-"""Benchmark `common.preprocess`: seconds per scan, accuracy against known poses, QC correlation of
+"""Benchmark `common.preprocessing.pipeline`: seconds per scan, accuracy against known poses, QC correlation of
 good, misaligned and non-brain inputs (the evidence for ``DEFAULT_QC_THRESHOLD``).
 
 Synthetic native-space heads are built from nilearn's MNI152 template: the skull-stripped brain plus
@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.preprocess import head_mask, load_template, n4_correct, nifti_to_sitk, preprocess_manifest  # noqa: E402
+from common.preprocessing.pipeline import head_mask, load_template, n4_correct, nifti_to_sitk, preprocess_manifest  # noqa: E402
 
 POSES = [((10, -6, 8), (10, -8, 6)), ((-15, 10, 5), (20, 15, -10)), ((5, 20, -10), (-15, 25, 15)),
          ((25, 5, -5), (5, -20, 30)), ((-20, -10, 12), (-25, 10, -25))]

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.preprocess import load_template, nifti_to_sitk, qc_metrics  # noqa: E402
+from common.preprocessing.pipeline import load_template, nifti_to_sitk, qc_metrics  # noqa: E402
 
 # MNI152 (RAS mm) brain landmarks, approximate: deep structures the phantom's PD effect lives in, and poles
 LANDMARKS = {

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.model import build_med3d  # noqa: E402
-from common.run import RunDir  # noqa: E402
+from common.learning.model import build_med3d  # noqa: E402
+from common.runs.rundir import RunDir  # noqa: E402
 
 
 def export(checkpoint: Path, out: Path) -> int:

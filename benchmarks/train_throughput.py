@@ -1,7 +1,7 @@
 """Local-training throughput of a fedpd site versus a bare torch loop, measured side by side.
 
-fedpd: the ClientApp's own path (``common.evaluation.train_loader`` -> cached MONAI dataset with
-augmentation and the class-balancing sampler -> ``common.train.train_local``), timed in round 2, i.e.
+fedpd: the ClientApp's own path (``common.learning.train.train_loader`` -> cached MONAI dataset with
+augmentation and the class-balancing sampler -> ``common.learning.train.train_local``), timed in round 2, i.e.
 with the deterministic preprocessing already cached on disk (round 1 fills the cache).
 torch: the same Med3D, input size, batch size, optimiser and number of samples, on tensors already in
 memory (no data pipeline at all). Both run in this one process, alternately, ``--repeats`` times.
@@ -24,10 +24,11 @@ import torch.nn.functional as F
 
 from common.config import RunConfig
 from common.device import runtime
-from common.evaluation import make_model, train_loader
-from common.ingest import ingest
-from common.manifest import read_manifest
-from common.train import train_local
+from common.learning.model import make_model
+from common.learning.train import train_loader
+from common.cohort.ingest import ingest
+from common.cohort.manifest import read_manifest
+from common.learning.train import train_local
 from simulation.phantom import generate_phantom
 
 

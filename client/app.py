@@ -15,8 +15,8 @@ from flwr.common import log
 from common import keys
 from common.config import RunConfig
 from common.device import deterministic_kernels, runtime
-from common.evaluation import make_model, train_loader, validation_metrics
-from common.train import load_state_numpy, train_local
+from common.learning.model import load_state_numpy, make_model
+from common.learning.train import train_local, train_loader, validation_metrics
 from client.audit import audit_mod
 from client.site import resolve_site
 

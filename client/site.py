@@ -16,11 +16,11 @@ import pandas as pd
 
 from common.config import RunConfig
 from common.errors import ConfigError, DataError
-from common.manifest import read_manifest
+from common.cohort.manifest import read_manifest
 
 __all__ = ["Site", "resolve_site", "NODE_CONFIG_FLAG"]
 
-QC_FILE = "qc.csv"  # written by `fedpd preprocess` beside the registered scans (common/preprocess.py)
+QC_FILE = "qc.csv"  # written by `fedpd preprocess` beside the registered scans (common/preprocessing/pipeline.py)
 
 NODE_CONFIG_FLAG = "--node-config \"data-path='/path/to/site.csv' cache-dir='/path/to/cache'\""
 

@@ -16,8 +16,10 @@ from common import keys
 from common.config import RunConfig
 from common.device import runtime
 from common.errors import RunFailedError
-from common.evaluation import close_round, finalize_run
-from common.records import RoundRecord
+from common.runs.rounds import close_round
+from common.runs.finalize import finalize_run
+from common.runs.records import RoundRecord
+from common.report.render import render_report
 from server.setup import ServerSetup, prepare
 from server.strategy import RecordingFedAvg
 
@@ -25,7 +27,7 @@ app = ServerApp()
 
 
 def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays: ArrayRecord) -> MetricRecord:
-    """Global round ``g``'s server side (common.evaluation.close_round, as for every baseline arm): validate the
+    """Global round ``g``'s server side (common.runs.rounds.close_round, as for every baseline arm): validate the
     aggregate on the server's val rows, record the round with what the strategy saw of the sites, checkpoint."""
     model = setup.model
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
@@ -153,7 +155,7 @@ def main(grid: Grid, context: Context) -> None:
                                  | _preprocessing_qc(records),
                                  "participation": _participation(records),
                                  **({"holdout_site": setup.data_info["holdout_site"]} if "holdout_site" in setup.data_info else {})},
-                          arm=fedavg_arm(cfg))
+                          arm=fedavg_arm(cfg), render=render_report)
     auc = report["test"]["auc"]
     ci = auc.get("ci95") or (float("nan"), float("nan"))
     log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %.3f-%.3f)", setup.run.report_file, auc["value"], *ci)

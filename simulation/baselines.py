@@ -2,7 +2,7 @@
 
 Every arm reads the same partition (``sites/*.csv`` train rows, ``server.csv`` val and test rows), picks
 its best round on the same server validation rows, chooses its threshold there and looks at the same
-test rows once, through :func:`common.evaluation.finalize_run` (subject-level bootstrap CIs):
+test rows once, through :func:`common.runs.finalize.finalize_run` (subject-level bootstrap CIs):
 
 - ``centralized``: all sites' train rows pooled in one place (the upper reference: what pooling the
   scans would give). One "round" = ``local-epochs`` passes, so the arms see the same number of epochs.
@@ -11,8 +11,8 @@ test rows once, through :func:`common.evaluation.finalize_run` (subject-level bo
 - ``scratch``: the federated run from random initialisation (``pretrained-path=''``), to set beside the
   pretrained FedAvg run when a MedicalNet checkpoint is given.
 
-The training loop is :func:`common.train.train_local` and the loaders are the ClientApp's
-(:func:`common.evaluation.train_loader`, class balancing included); a fresh AdamW per round as at a site.
+The training loop is :func:`common.learning.train.train_local` and the loaders are the ClientApp's
+(:func:`common.learning.train.train_loader`, class balancing included); a fresh AdamW per round as at a site.
 ``holdout_partition`` derives a leave-one-site-out partition for ``fedpd simulate --holdout-site``.
 """
 
@@ -30,12 +30,16 @@ from common import keys
 from common.config import RunConfig, parse_overrides
 from common.device import Runtime, runtime
 from common.errors import ConfigError, DataError
-from common.evaluation import close_round, finalize_run, make_model, train_loader
-from common.manifest import read_manifest, write_manifest
-from common.preflight import preflight_partition
-from common.run import RunDir
-from common.splits import split_audit
-from common.train import train_local
+from common.runs.rounds import close_round
+from common.runs.finalize import finalize_run
+from common.learning.model import make_model
+from common.learning.train import train_loader
+from common.cohort.manifest import read_manifest, write_manifest
+from common.runs.preflight import preflight_partition
+from common.report.render import render_report
+from common.runs.rundir import RunDir
+from common.cohort.splits import split_audit
+from common.learning.train import train_local
 
 __all__ = ["MODES", "run_baseline", "holdout_partition"]
 
@@ -91,11 +95,12 @@ def _train_arm(arm: str, train_rows: pd.DataFrame, server: pd.DataFrame, cfg: Ru
                 keys.class_count_key(0): int(counts.get(0, 0)), keys.class_count_key(1): int(counts.get(1, 0))}
         record = close_round(run, model, r, cfg=cfg, rt=rt, val_rows=val_rows, cache_dir=server_cache, started=start,
                              strategy=arm, sites={arm: site})
-        print(f"baseline {arm}: round {r}/{cfg.num_server_rounds}: train loss {res.loss:.4f}, "
-              f"val AUC {record.val['auc']:.3f}, {record.wall_seconds:.0f}s", flush=True)
+        log.info(f"baseline {arm}: round {r}/{cfg.num_server_rounds}: train loss {res.loss:.4f}, "
+                 f"val AUC {record.val['auc']:.3f}, {record.wall_seconds:.0f}s")
     info = data_info | {"site_train_counts": {arm: {"control": int(counts.get(0, 0)), "pd": int(counts.get(1, 0)),
                                                     "num_examples": len(train_rows)}}}
-    return finalize_run(run, cfg, rt, val_rows, test_rows, server_cache, extra={"data": info}, arm=arm)
+    return finalize_run(run, cfg, rt, val_rows, test_rows, server_cache, extra={"data": info}, arm=arm,
+                        render=render_report)
 
 
 def run_baseline(mode: str, partition, out, run_config: str = "", echo: bool = True) -> dict:
@@ -112,7 +117,7 @@ def run_baseline(mode: str, partition, out, run_config: str = "", echo: bool = T
     if mode != "scratch":  # scratch is a federated run: fedpd simulate runs the same preflight
         checked = preflight_partition(partition, cfg, out, progress=echo, check_run=mode == "centralized", federated=False)
         if echo:
-            print(checked.summary(), flush=True)
+            log.info(checked.summary())
     sites, server, info = _load_partition(partition)
     if mode == "scratch":
         if not cfg.pretrained_path:
@@ -175,7 +180,7 @@ def holdout_partition(partition, site: str, out) -> Path:
                                         "val_scans": int(len(keep_val)), "test_scans": int(len(held)),
                                         "test_subjects": int(held["subject_id"].nunique())}}
     (out / "partition.json").write_text(json.dumps(new_info, indent=2) + "\n")
-    print(f"holdout: training on {', '.join(sorted(names))}; testing on {site} only "
-          f"({held['subject_id'].nunique()} subjects, {len(held)} scans); validation on the other sites' server rows "
-          f"({len(keep_val)} scans)")
+    log.info(f"holdout: training on {', '.join(sorted(names))}; testing on {site} only "
+             f"({held['subject_id'].nunique()} subjects, {len(held)} scans); validation on the other sites' server rows "
+             f"({len(keep_val)} scans)")
     return out

@@ -61,9 +61,9 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
     ``seed`` drives everything random: the phantom cohort, the subject split, the partition and the run
     (initialisation, sampling, augmentation, dropout), so two demos with one seed give one result.
     """
-    from common.ingest import ingest
-    from common.preprocess import preprocess_manifest
-    from common.splits import partition_manifest, split_manifest
+    from common.cohort.ingest import ingest
+    from common.preprocessing.pipeline import preprocess_manifest
+    from common.cohort.splits import partition_manifest, split_manifest
     from simulation.phantom import generate_phantom
     from simulation.simulate import simulate
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from common.run import GIT_COMMIT_ENV, git_commit
+from common.runs.rundir import GIT_COMMIT_ENV, git_commit
 
 __all__ = ["Proc", "free_port", "flwr_env", "start_superlink", "start_supernode", "stop", "write_connections",
            "flwr_run", "console_lines", "wait_for_port", "write_run_config", "APP_DIR"]

@@ -34,6 +34,7 @@ derived from the seed).
 
 from __future__ import annotations
 
+import logging
 import csv
 import datetime as dt
 import gzip
@@ -42,7 +43,6 @@ import math
 import numbers
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,8 @@ from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from common.errors import DataError
+
+log = logging.getLogger("fedpd.phantom")
 
 __all__ = ["generate_phantom", "IDA_COLUMNS", "FOV_MM", "MARKER", "IDA_CSV", "CENTRES_CSV", "SPACES", "ORIENTATIONS",
            "NATIVE_DIRECTION"]
@@ -696,4 +698,4 @@ def _print_summary(s: dict) -> None:
     lines.append(f"phantom: PD share {100 * s['pd_share']:.1f} % of PD+Control subjects. Synthetic data: never a "
                  f"clinical result. Next: fedpd ingest {s['out']} --csv {Path(s['out']) / IDA_CSV} --sites-csv "
                  f"{Path(s['out']) / CENTRES_CSV} --out manifest.csv")
-    print("\n".join(lines), file=sys.stdout)
+    log.info("\n".join(lines))

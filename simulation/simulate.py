@@ -7,6 +7,7 @@ when the run fails. The ServerApp and ClientApp are the same ones a real deploym
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import re
@@ -21,8 +22,10 @@ import torch
 
 from common.config import RunConfig, parse_overrides
 from common.errors import ConfigError, FedpdError
-from common.preflight import preflight_partition
+from common.runs.preflight import preflight_partition
 from simulation.flower import flwr_run, start_superlink, stop, write_connections, write_run_config
+
+log = logging.getLogger("fedpd.simulate")
 
 __all__ = ["simulate", "SimulationError"]
 
@@ -67,7 +70,7 @@ def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "
     # every cheap-to-find error, before Flower; a progress bar only on a terminal (in a log it is one long line)
     checked = preflight_partition(partition, cfg, out, progress=echo and sys.stderr.isatty())
     if echo:
-        print(checked.summary(), flush=True)
+        log.info(checked.summary())
     home = out / ".flwr"
     cfg_file = write_run_config(home / "run-config.toml", overrides)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common.model import build_med3d
+from common.learning.model import build_med3d
 
 __all__ = ["random_backbone_state", "write_official"]
 

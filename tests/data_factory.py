@@ -142,7 +142,7 @@ def make_manifest(n_subjects_per_stratum: dict[tuple[int, str], int], visits=(1,
 def split_and_partition(root: Path, val: float = 0.2, test: float = 0.25) -> Path:
     """Subject-level split of ``root/manifest.csv`` (in place), then a natural partition into
     ``root/partition`` (sites/*.csv, server.csv); returns the partition folder."""
-    from common.splits import partition_manifest, split_manifest
+    from common.cohort.splits import partition_manifest, split_manifest
 
     split_manifest(root / "manifest.csv", val=val, test=test, seed=0)
     partition_manifest(root / "manifest.csv", scheme="natural", out=root / "partition", seed=0)
@@ -153,7 +153,7 @@ def scan_cohort(root: Path, strata: dict[tuple[int, str], int], seed: int = 0, s
                 source: str | None = None, **split) -> Path:
     """Random 16^3 NIfTI scans for ``make_manifest(strata)`` under ``root/scans``, split and partitioned;
     returns the partition folder. For tests of the plumbing, where no model has to learn anything."""
-    from common.manifest import write_manifest
+    from common.cohort.manifest import write_manifest
 
     root = Path(root)
     df = make_manifest(strata, seed=seed, folder=root / "scans")
@@ -173,7 +173,7 @@ def phantom_cohort(root: Path, subjects: int = 30, sites: int = 3, shape: int = 
     import contextlib
     import io
 
-    from common.ingest import ingest
+    from common.cohort.ingest import ingest
     from simulation.phantom import generate_phantom
 
     root = Path(root)

@@ -27,12 +27,12 @@ from common import keys
 from common.config import RunConfig
 from common.device import runtime
 from common.errors import ConfigError
-from common.evaluation import model_args
-from common.manifest import read_manifest, write_manifest
-from common.records import RoundRecord
-from common.model import build_med3d
-from common.run import RunDir
-from common.train import state_dict_numpy
+from common.learning.model import model_args
+from common.cohort.manifest import read_manifest, write_manifest
+from common.runs.records import RoundRecord
+from common.learning.model import build_med3d
+from common.runs.rundir import RunDir
+from common.learning.model import state_dict_numpy
 from server.setup import absolute, prepare
 from server.strategy import RecordingFedAvg, nan_aware_mean
 
@@ -419,7 +419,7 @@ def _context(node_config: dict, cfg: RunConfig) -> Context:
     return Context(run_id=1, node_id=101, node_config=node_config, state=State(), run_config=cfg.to_dict())
 
 
-@pytest.mark.filterwarnings("ignore::common.metrics.MetricUndefinedWarning")  # an untrained model may predict no PD
+@pytest.mark.filterwarnings("ignore::common.learning.metrics.MetricUndefinedWarning")  # an untrained model may predict no PD
 def test_client_handlers_reply_with_contract_keys(tmp_path, med3d_state):
     """train: num-examples = number of train rows (samples), all TRAIN_METRIC_KEYS, updated weights.
     evaluate: num-examples = val rows, every val-<metric> key; an empty val split gives the same keys."""
@@ -461,7 +461,7 @@ def test_client_handlers_reply_with_contract_keys(tmp_path, med3d_state):
 
 
 def test_make_model_initialisation_follows_the_run_seed():
-    from common.evaluation import make_model
+    from common.learning.model import make_model
 
     cfg = make_cfg()
     a, b, c = make_model(cfg), make_model(cfg), make_model(cfg.replace(seed=cfg.seed + 1))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.run import RunDir
+from common.runs.rundir import RunDir
 from simulation.flower import APP_DIR, flwr_run, start_superlink, stop, write_connections, write_run_config
 
 try:

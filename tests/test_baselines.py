@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from common.errors import ConfigError, DataError
-from common.manifest import read_manifest, validate_manifest
-from common.splits import partition_manifest, split_audit, split_manifest
+from common.cohort.manifest import read_manifest, validate_manifest
+from common.cohort.splits import partition_manifest, split_audit, split_manifest
 from simulation.baselines import holdout_partition, run_baseline
 try:
     from data_factory import make_manifest, scan_cohort

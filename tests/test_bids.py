@@ -1,4 +1,4 @@
-"""BIDS input (common/bids.py): participants.tsv + sub-*/[ses-*/]anat/*_T1w.nii[.gz] -> manifest.csv.
+"""BIDS input (common/cohort/bids.py): participants.tsv + sub-*/[ses-*/]anat/*_T1w.nii[.gz] -> manifest.csv.
 
 Every test builds a small BIDS tree under tmp_path with nibabel (16-24 voxels a side).
 """
@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.bids import ingest_bids
+from common.cohort.bids import ingest_bids
 from common.errors import DataError
-from common.manifest import read_manifest
+from common.cohort.manifest import read_manifest
 
 PARTICIPANTS = [
     # participant_id, group, site, sex, age
@@ -160,7 +160,7 @@ def test_one_scan_twice_and_a_missing_site(bids, tmp_path, capsys):
 
 
 def test_cli_reads_bids_and_refuses_mixed_inputs(bids, tmp_path, capsys):
-    from simulation.cli import main
+    from common.cli import main
 
     out = tmp_path / "m" / "manifest.csv"
     out.parent.mkdir()

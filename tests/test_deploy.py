@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from client.audit import AUDIT_ENV
 from common import keys
-from common.model import build_med3d
+from common.learning.model import build_med3d
 from server.strategy import EVALUATE_METRIC_KEYS
 from simulation.flower import (APP_DIR, BIN, Proc, flwr_env, flwr_run, free_port, stop, wait_for_port,
                                write_run_config)

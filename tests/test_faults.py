@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
-from common.run import RunDir
+from common.runs.rundir import RunDir
 from simulation.flower import (APP_DIR, BIN, Proc, _tree, flwr_env, flwr_run, free_port, start_superlink, stop,
                                write_connections, write_run_config)
 

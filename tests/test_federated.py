@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from common.run import RunDir, git_commit
+from common.runs.rundir import RunDir, git_commit
 from simulation.flower import APP_DIR, BIN, flwr_env, free_port, write_connections, write_run_config
 
 try:
@@ -123,7 +123,7 @@ def test_simulate_resume_after_kill(cohort, tmp_path):
     the test waits for the checkpoint (written atomically) and compares only the checkpointed rounds."""
     out = tmp_path / "run"
     rc = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in SMALL.items())
-    cmd = [sys.executable, "-m", "simulation.cli", "simulate", "--partition", str(cohort), "--rounds", "3",
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--partition", str(cohort), "--rounds", "3",
            "--out", str(out), "--run-config", rc]
     log = open(tmp_path / "first.log", "wb")
     first = subprocess.Popen(cmd, cwd=APP_DIR, stdout=log, stderr=subprocess.STDOUT)

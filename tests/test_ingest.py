@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from common.errors import DataError
-from common.ingest import ingest
-from common.manifest import read_manifest
-from common.scans import check_scans
+from common.cohort.ingest import ingest
+from common.cohort.manifest import read_manifest
+from common.cohort.scans import check_scans
 
 try:
     from data_factory import write_ida_download, write_sites_csv

@@ -1,4 +1,4 @@
-"""The manifest contract: read/write round trip and every validation rule (common/manifest.py)."""
+"""The manifest contract: read/write round trip and every validation rule (common/cohort/manifest.py)."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from common.errors import DataError
-from common.manifest import (REQUIRED_COLUMNS, SPLITS, read_manifest, validate_manifest,
+from common.cohort.manifest import (REQUIRED_COLUMNS, SPLITS, read_manifest, validate_manifest,
                              write_manifest)
 
 try:

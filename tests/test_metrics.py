@@ -1,4 +1,4 @@
-"""common.metrics: reference table, scikit-learn agreement, degenerate inputs, bootstrap, threshold."""
+"""common.learning.metrics: reference table, scikit-learn agreement, degenerate inputs, bootstrap, threshold."""
 
 import json
 import math
@@ -11,8 +11,8 @@ from sklearn.exceptions import UndefinedMetricWarning as SklearnUndefinedMetricW
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, brier_score_loss,
                              f1_score, precision_score, recall_score, roc_auc_score)
 
-from common import metrics as M
-from common.metrics import (COUNT_KEYS, METRIC_KEYS, THRESHOLD_METRIC_KEYS, MetricUndefinedWarning, best_threshold,
+from common.learning import metrics as M
+from common.learning.metrics import (COUNT_KEYS, METRIC_KEYS, THRESHOLD_METRIC_KEYS, MetricUndefinedWarning, best_threshold,
                             binary_metrics, bootstrap_ci, metrics_from_confusion)
 
 REFERENCE = {"accuracy": 0.9403, "sensitivity": 1.0, "specificity": 0.6, "precision": 0.9344, "f1": 0.9661}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.errors import CheckpointError
-from common.model import DEPTHS, Med3D, build_med3d, check_checkpoint, load_medicalnet_weights
+from common.learning.model import DEPTHS, Med3D, build_med3d, check_checkpoint, load_medicalnet_weights
 
 try:
     from ckpt_utils import random_backbone_state, write_official
@@ -299,7 +299,7 @@ def test_check_checkpoint_report(r10_file):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "simulation.cli", "check-checkpoint", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "common.cli", "check-checkpoint", *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

@@ -29,8 +29,8 @@ from client.site import Site
 from common import keys
 from common.config import RunConfig
 from common.errors import DataError
-from common.evaluation import make_model
-from common.manifest import write_manifest
+from common.learning.model import make_model
+from common.cohort.manifest import write_manifest
 from server.strategy import RecordingFedAvg, nan_aware_mean, train_metrics_summary
 from simulation.flower import console_lines
 

@@ -309,7 +309,7 @@ def test_bad_arguments(tmp_path, kwargs, flag):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-    from simulation.cli import main
+    from common.cli import main
 
     assert main(["phantom", str(tmp_path / "x"), "--subjects", "4", "--sites", "3"]) == 2
     assert "fedpd phantom: error:" in capsys.readouterr().err

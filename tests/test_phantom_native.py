@@ -107,8 +107,8 @@ def test_mni_space_writes_what_it_wrote_before(tmp_path, kwargs, expected):
     got = _fingerprint(tmp_path / "p")
     for key in ("text", "grids", "nifti", "slices"):
         assert got[key] == expected[key], key
-    for key in ("sum", "sumsq"):
-        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+    for key in ("sum", "sumsq"):  # float rounding differs between CPUs: sumsq moved by 1.6e-6 on another machine
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
 
 
 # ---------------------------------------------------------------------------------------------- determinism

@@ -1,4 +1,4 @@
-"""``fedpd predict`` (``simulation/predict.py`` and its CLI): probability, threshold provenance, bad inputs.
+"""``fedpd predict`` (``common/inference/predict.py`` and its CLI): probability, threshold provenance, bad inputs.
 
 A real (tiny-input) Med3D is saved the way the server saves it: ``RunDir.save_checkpoint`` for
 ``checkpoints/round-<k>.pt``, plus ``threshold``/``selected_round``/``source`` for ``model.pt``.
@@ -16,11 +16,11 @@ import torch
 
 from common.config import RunConfig
 from common.errors import CheckpointError, DataError
-from common.model import build_med3d
-from common.run import RunDir
-from common.transforms import deterministic_transforms
-from simulation.cli import main
-from simulation.predict import format_result, predict_scan
+from common.learning.model import build_med3d
+from common.runs.rundir import RunDir
+from common.learning.transforms import deterministic_transforms
+from common.cli import main
+from common.inference.predict import format_result, predict_scan
 
 SHAPE, SPACING = (24, 24, 24), (2.0, 2.0, 2.0)
 MODEL_ARGS = {"depth": 10, "num_classes": 2, "dropout": 0.2}

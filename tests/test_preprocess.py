@@ -1,4 +1,4 @@
-"""``common.preprocess`` on synthetic native-space heads (4 mm grids, so the whole file runs in under a minute).
+"""``common.preprocessing.pipeline`` on synthetic native-space heads (4 mm grids, so the whole file runs in under a minute).
 
 The heads are built here from nilearn's MNI152 template: brain + CSF, skull and scalp shells + a neck,
 then a known rigid pose (10-15 deg, 10-20 mm), anisotropic voxels stored PIR or LPS (nibabel affine),
@@ -20,8 +20,8 @@ import SimpleITK as sitk
 from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
 
 from common.errors import DataError
-from common.manifest import read_manifest
-from common.preprocess import DEFAULT_QC_THRESHOLD, load_template, nifti_to_sitk, preprocess_manifest
+from common.cohort.manifest import read_manifest
+from common.preprocessing.pipeline import DEFAULT_QC_THRESHOLD, load_template, nifti_to_sitk, preprocess_manifest
 
 MM = 4  # template voxel size used throughout (fast)
 PIR = (0, 0, -1, 1, 0, 0, 0, -1, 0)  # LPS direction cosines: voxel axes i -> P, j -> I, k -> R
@@ -232,7 +232,7 @@ def test_cli_killed_midway_loses_nothing_done(cohort, tmp_path):
                        for k in range(1)])  # more scans, so the kill lands mid-way
     pd.concat([good, extra]).to_csv(root / "manifest.csv", index=False)
     out = tmp_path / "mni"
-    cmd = [sys.executable, "-m", "simulation.cli", "preprocess", str(root / "manifest.csv"), "--out", str(out),
+    cmd = [sys.executable, "-m", "common.cli", "preprocess", str(root / "manifest.csv"), "--out", str(out),
            "--template-mm", str(MM), "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -261,7 +261,7 @@ def test_cli_killed_midway_loses_nothing_done(cohort, tmp_path):
 def test_a_scan_gives_the_same_transform_every_time(cohort):
     """SimpleITK runs single-threaded in fedpd preprocess: multi-threaded registration sums in an order that
     depends on thread timing (transforms differed in the last digits from run to run), one thread does not."""
-    from common.preprocess import preprocess_scan
+    from common.preprocessing.pipeline import preprocess_scan
 
     raw = cohort[0]
     template = load_template(MM)

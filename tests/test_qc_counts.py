@@ -18,9 +18,9 @@ from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, Met
 from client.app import _reply
 from client.site import QC_FILE, Site
 from common import keys
-from common.manifest import write_manifest
-from common.records import RoundRecord
-from common.report import render_report
+from common.cohort.manifest import write_manifest
+from common.runs.records import RoundRecord
+from common.report.render import render_report
 from server.app import _preprocessing_qc
 from server.strategy import RecordingFedAvg
 

@@ -1,4 +1,4 @@
-"""The HTML run report (``common/report.py``), rendered by ``finalize_run`` on a real, tiny run folder.
+"""The HTML run report (``common/report/render.py``), rendered by ``finalize_run`` on a real, tiny run folder.
 
 No Flower: the run folder is built the way the server builds it (``RunDir.save_checkpoint`` of a Med3D,
 ``RunDir.append_round``) on 16^3 NIfTI scans, and ``finalize_run`` runs for real (it evaluates the scans,
@@ -21,11 +21,12 @@ import pytest
 
 from common.config import RunConfig
 from common.device import runtime
-from common.evaluation import finalize_run, make_model
-from common.records import RoundRecord
-from common.report import SECTION_IDS, render_report
-from common.run import RunDir
-from simulation.cli import main
+from common.runs.finalize import finalize_run
+from common.learning.model import make_model
+from common.runs.records import RoundRecord
+from common.report.render import SECTION_IDS, render_report
+from common.runs.rundir import RunDir
+from common.cli import main
 from tests.data_factory import write_nifti
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -98,12 +99,12 @@ def _build_run(root: Path, source: str, data_extra: dict, extra: dict, block_fig
             "site_train_counts": {"10": {"control": 4, "pd": 6, "num_examples": 10, "round": 2},
                                   "20": {"control": 4, "pd": 6, "num_examples": 10, "round": 2}}} | data_extra
     handler = _Records()
-    logging.getLogger("fedpd.evaluation").addHandler(handler)
+    logging.getLogger("fedpd.finalize").addHandler(handler)
     try:
         report = finalize_run(run, cfg, runtime(amp=False), val, test, run.root / "cache",
-                              extra={"data": data} | extra, arm="fedavg")
+                              extra={"data": data} | extra, arm="fedavg", render=render_report)
     finally:
-        logging.getLogger("fedpd.evaluation").removeHandler(handler)
+        logging.getLogger("fedpd.finalize").removeHandler(handler)
     return run.root, report, handler.messages
 
 

@@ -1,4 +1,4 @@
-"""The run folder (``common/run.py``): self-describing checkpoints written atomically, clear errors for
+"""The run folder (``common/runs/rundir.py``): self-describing checkpoints written atomically, clear errors for
 files that are not fedpd checkpoints, ``rounds.jsonl`` bookkeeping, and round selection on validation.
 """
 
@@ -16,8 +16,9 @@ import torch
 
 from common.config import RunConfig
 from common.errors import CheckpointError, DataError
-from common.records import ROUNDS_SCHEMA, RoundRecord
-from common.run import CHECKPOINT_FORMAT, RunDir, atomic_write_text, dumps, select_round
+from common.runs.records import ROUNDS_SCHEMA, RoundRecord
+from common.runs.rundir import CHECKPOINT_FORMAT, RunDir, dumps, select_round
+from common.files import atomic_write_text
 
 
 def small_state(seed: int = 0) -> dict[str, np.ndarray]:

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import common.scans
-from common.manifest import read_manifest, write_manifest
-from simulation.cli import main
+import common.cohort.scans
+from common.cohort.manifest import read_manifest, write_manifest
+from common.cli import main
 from simulation.phantom import generate_phantom
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +155,8 @@ def test_ingest_scan_check_excludes_bad_scans_and_caches_results(cohort, tmp_pat
     inputs = _digest(download)
 
     calls = []
-    real = common.scans.scan_problem
-    monkeypatch.setattr(common.scans, "scan_problem", lambda p: calls.append(p) or real(p))
+    real = common.cohort.scans.scan_problem
+    monkeypatch.setattr(common.cohort.scans, "scan_problem", lambda p: calls.append(p) or real(p))
     out = tmp_path / "work" / "manifest.csv"
     argv = ["ingest", download, "--csv", csv, "--sites-csv", download / "centres.csv", "--out", out,
             "--nifti-cache", cache]
@@ -245,7 +245,7 @@ def test_sigterm_during_ingest_leaves_no_temporary_file(tmp_path):
     work = tmp_path / "work"
     cache = work / "nifti"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulation.cli", "ingest", str(download), "--csv", str(download / "idaSearch.csv"),
+        [sys.executable, "-m", "common.cli", "ingest", str(download), "--csv", str(download / "idaSearch.csv"),
          "--out", str(work / "manifest.csv")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -267,7 +267,7 @@ def test_sigterm_during_ingest_leaves_no_temporary_file(tmp_path):
     left = [str(p) for p in work.rglob("*") if ".tmp" in p.name or ".partial" in p.name]
     assert left == []
     kept = sorted(p.name for p in cache.glob("*.nii.gz"))
-    assert kept and all(common.scans.scan_problem(cache / k) is None for k in kept)  # the kept files are whole
+    assert kept and all(common.cohort.scans.scan_problem(cache / k) is None for k in kept)  # the kept files are whole
     assert re.search(rf"ingest: interrupted: {len(kept)} converted NIfTI file\(s\) stay cached in {re.escape(str(cache))}",
                      err), err
     assert "no manifest was written" in err and "no temporary file was left" in err

@@ -22,11 +22,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from common.model import build_med3d  # noqa: E402
-from common.saliency import PNG_SOFTWARE  # noqa: E402
-from simulation import predict as predict_mod  # noqa: E402
-from simulation.cli import main  # noqa: E402
-from simulation.predict import is_fedpd_png  # noqa: E402
+from common.learning.model import build_med3d  # noqa: E402
+from common.learning.saliency import PNG_SOFTWARE  # noqa: E402
+from common.inference import predict as predict_mod  # noqa: E402
+from common.cli import main  # noqa: E402
+from common.inference.predict import is_fedpd_png  # noqa: E402
 
 try:
     from ckpt_utils import random_backbone_state, write_official
@@ -257,7 +257,7 @@ def test_predict_refuses_a_bad_scan_before_running_the_model(run, tmp_path, caps
 def test_console_script_refuses_without_traceback(run, tmp_path):
     """The real ``fedpd`` entry point in a fresh process: saliency onto the scan, and a scout."""
     fedpd = ROOT / ".venv" / "bin" / "fedpd"
-    cmd = [str(fedpd)] if fedpd.exists() else [sys.executable, "-m", "simulation.cli"]
+    cmd = [str(fedpd)] if fedpd.exists() else [sys.executable, "-m", "common.cli"]
     scout = _bad_scan("scout", tmp_path)
     sums = {p: sha256(p) for p in (run["scan"], run["model_pt"], scout)}
     for argv, words in (

@@ -1,7 +1,7 @@
 """Issue 12 through the command line: runs refuse bad input before Flower starts and never look successful
 when they are not.
 
-Every test calls ``fedpd`` (``simulation.cli.main``) as a user would and checks the exit code, that the
+Every test calls ``fedpd`` (``common.cli.main``) as a user would and checks the exit code, that the
 message names the file or key and the fix, that no traceback is printed, and that the inputs are
 unchanged (sha256). The last test starts a real simulation whose sites all fail.
 """
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import common.scans as scans
-from common.manifest import read_manifest, write_manifest
-from simulation.cli import main
+import common.cohort.scans as scans
+from common.cohort.manifest import read_manifest, write_manifest
+from common.cli import main
 from tests.ckpt_utils import random_backbone_state, write_official
 from tests.data_factory import scan_cohort
 

@@ -1,4 +1,4 @@
-"""Grad-CAM saliency and its overlay (``common/saliency.py``): geometry, faithfulness, the PNG.
+"""Grad-CAM saliency and its overlay (``common/learning/saliency.py``): geometry, faithfulness, the PNG.
 
 Real MONAI, torch, nibabel and nilearn on tiny volumes (24^3-48^3); nothing is mocked or downloaded.
 """
@@ -16,9 +16,9 @@ from monai.data import MetaTensor
 from torch import nn
 
 from common.device import runtime
-from common.model import build_med3d
-from common.saliency import head_mask, overlay_png, preprocess_scan, saliency_map
-from common.transforms import deterministic_transforms
+from common.learning.model import build_med3d
+from common.learning.saliency import head_mask, overlay_png, preprocess_scan, saliency_map
+from common.learning.transforms import deterministic_transforms
 
 RT = runtime(amp=False, requested="cpu")
 

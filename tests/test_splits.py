@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from common.errors import DataError
-from common.manifest import read_manifest, write_manifest
-from common.splits import format_audit, partition_manifest, split_audit, split_manifest
+from common.cohort.manifest import read_manifest, write_manifest
+from common.cohort.splits import format_audit, partition_manifest, split_audit, split_manifest
 
 try:
     from data_factory import make_manifest

@@ -1,4 +1,4 @@
-"""The plain torch loops in ``common/train.py``: counts in samples, sample-weighted losses, NaN guard,
+"""The plain torch loops in ``common/learning/train.py``: counts in samples, sample-weighted losses, NaN guard,
 prediction order and strict loading of FedAvg-averaged state.
 
 Tiny models (a linear layer over a 2x2x2 volume) keep every test well under a second; one test runs a
@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from common.device import Runtime
-from common.model import build_med3d
-from common.train import EvalResult, TrainResult, load_state_numpy, predict, state_dict_numpy, train_local
+from common.learning.model import build_med3d
+from common.learning.model import load_state_numpy, state_dict_numpy
+from common.learning.train import EvalResult, TrainResult, predict, train_local
 
 torch.set_num_threads(2)
 

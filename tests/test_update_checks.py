@@ -18,7 +18,7 @@ from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, Met
 from client.app import _reply
 from client.site import Site
 from common import keys
-from common.records import RoundRecord
+from common.runs.records import RoundRecord
 from server.strategy import (EVALUATE_METRIC_KEYS, MAX_NUM_EXAMPLES, RecordingFedAvg, check_evaluate_reply,
                              check_train_reply)
 

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.config import RunConfig
 from common.device import Runtime
+from common.learning.data import build_dataset, class_counts, class_weights, make_loader
+from common.learning.metrics import MetricUndefinedWarning, binary_metrics
 
-__all__ = ["TrainResult", "EvalResult", "train_local", "predict", "state_dict_numpy", "load_state_numpy"]
+__all__ = ["TrainResult", "EvalResult", "train_local", "predict", "train_loader", "eval_loader", "evaluate_rows",
+           "validation_metrics"]
 
 
 @dataclass(frozen=True)
@@ -139,17 +146,43 @@ def predict(model: nn.Module, loader: DataLoader, rt: Runtime) -> EvalResult:
     return EvalResult(y_true=y_true, y_score=torch.cat(scores).numpy().astype(np.float64), loss=total_loss / len(y_true))
 
 
-def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's state as CPU numpy arrays (the form that travels in Flower messages and checkpoints)."""
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+# --- from manifest rows to loaders and validation figures ------------------------------------------
 
 
-def load_state_numpy(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Load numpy arrays into ``model`` strictly, casting each to the dtype of the model's tensor.
+def _records(rows: pd.DataFrame) -> list[dict]:
+    return rows.to_dict("records")
 
-    FedAvg turns the int64 ``num_batches_tracked`` buffers into floats; casting back keeps the dtype.
-    """
-    own = model.state_dict()
-    state = {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype) if k in own else torch.as_tensor(np.asarray(v))
-             for k, v in arrays.items()}
-    model.load_state_dict(state, strict=True)
+
+def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int):
+    """Loader over training rows with the run's class balancing; also returns the counts and loss weights."""
+    recs = _records(rows)
+    ds = build_dataset(recs, cfg.input_shape, cfg.spacing, cache_dir, train=True, seed=seed)
+    labels = [int(r["label"]) for r in recs]
+    loader = make_loader(ds, labels, cfg.batch_size, cfg.class_balancing, seed=seed, num_workers=cfg.num_workers)
+    counts = class_counts(recs)
+    weights = class_weights(counts) if cfg.class_balancing == "loss" else None
+    return loader, counts, weights
+
+
+def eval_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path):
+    """Deterministic loader (no augmentation, no sampler) in row order."""
+    recs = _records(rows)
+    ds = build_dataset(recs, cfg.input_shape, cfg.spacing, cache_dir, train=False, seed=cfg.seed)
+    labels = [int(r["label"]) for r in recs]
+    return make_loader(ds, labels, cfg.batch_size, "none", seed=cfg.seed, num_workers=cfg.num_workers, shuffle=False)
+
+
+def evaluate_rows(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfig, rt: Runtime, cache_dir: Path) -> EvalResult:
+    """Predict every row (in order)."""
+    return predict(model, eval_loader(rows, cfg, cache_dir), rt)
+
+
+def validation_metrics(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfig, rt: Runtime,
+                       cache_dir: Path) -> dict[str, float]:
+    """The threshold-free validation figures of a model on ``rows`` (a round's record, a site's evaluate
+    reply): :func:`binary_metrics` plus ``loss``. Undefined figures (a one-class split) are NaN, quietly:
+    NaN is what the record keeps."""
+    res = evaluate_rows(model, rows, cfg, rt, cache_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricUndefinedWarning)
+        return binary_metrics(res.y_true, res.y_score) | {"loss": res.loss}

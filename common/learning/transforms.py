@@ -11,7 +11,7 @@ Deterministic part (:func:`deterministic_transforms`), in order:
 2. :class:`CheckScand` -- refuses what cannot be a 3D T1 scan: 2D, 5D+, 4D with more than one volume,
    fewer than :data:`MIN_SLICES` voxels along an axis (a scout), NaN/Inf voxels, no voxel > 0, a constant
    image, a non-finite or singular affine. The same check runs in ``fedpd ingest`` and in the preflight
-   (:mod:`common.scans`).
+   (:mod:`common.cohort.scans`).
 3. ``EnsureChannelFirstd`` -> ``[1, X, Y, Z]``; ``Orientationd("RAS")``, so axis 0 runs left->right,
    axis 1 posterior->anterior, axis 2 inferior->superior, whatever the file's orientation (LPS, ...).
 4. ``Spacingd(spacing, bilinear, zeros padding)`` -- resample to ``spacing`` mm (same axis order).

@@ -15,7 +15,7 @@ CSV, one row per scan. Required columns ``image_id, subject_id, visit, label, si
   not a preference: partitions hand whole subjects to sites, so a subject seen at two centres would
   end up in two site files. Fix the sites table (or drop the odd scans) instead.
 
-Image files are not checked by validation: :mod:`common.scans` checks them (ingest, preflight). Error messages count lines as in the CSV file (header = line 1).
+Image files are not checked by validation: :mod:`common.cohort.scans` checks them (ingest, preflight). Error messages count lines as in the CSV file (header = line 1).
 """
 
 from __future__ import annotations

@@ -20,15 +20,17 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import RunConfig
 from common.errors import CheckpointError
-from common.keys import MODEL_DEPTHS
+from common.keys import MODEL_DEPTHS, NUM_CLASSES
 
 __all__ = ["Med3D", "MedicalNetResNet", "build_med3d", "load_medicalnet_weights", "check_checkpoint", "DEPTHS",
-           "SHORTCUTS"]
+           "SHORTCUTS", "state_dict_numpy", "load_state_numpy", "make_model", "model_args", "model_from_checkpoint"]
 
 log = logging.getLogger("fedpd.model")
 
@@ -104,7 +106,7 @@ _VARIANTS = {
 }
 DEPTHS = MODEL_DEPTHS  # the run-config's choices (common/keys.py); each has its variant above
 if tuple(_VARIANTS) != DEPTHS:
-    raise RuntimeError("common/model.py: _VARIANTS and keys.MODEL_DEPTHS differ")
+    raise RuntimeError("common/learning/model.py: _VARIANTS and keys.MODEL_DEPTHS differ")
 _DEPTH_LIST = ", ".join(map(str, DEPTHS))
 
 
@@ -382,3 +384,63 @@ def check_checkpoint(path: str | Path, depth: int | None = None) -> str:
         f"tensors: {len(sd)} ({sum(v.numel() for v in sd.values()):,} numbers)",
         f"OK: loads exactly into Med3D depth {depth}",
     ])
+
+
+# --- weights in and out of a model (numpy, as Flower's ArrayRecord carries them) ----------------------
+
+
+def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's state as CPU numpy arrays (the form that travels in Flower messages and checkpoints)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_state_numpy(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load numpy arrays into ``model`` strictly, casting each to the dtype of the model's tensor.
+
+    FedAvg turns the int64 ``num_batches_tracked`` buffers into floats; casting back keeps the dtype.
+    """
+    own = model.state_dict()
+    state = {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype) if k in own else torch.as_tensor(np.asarray(v))
+             for k, v in arrays.items()}
+    model.load_state_dict(state, strict=True)
+
+
+# --- from a run-config or a checkpoint to a model ---------------------------------------------------
+
+
+def make_model(cfg: RunConfig, pretrained: bool = False) -> torch.nn.Module:
+    """The Med3D of this run-config; MedicalNet weights only when ``pretrained`` (server init)."""
+    path = cfg.pretrained_path if (pretrained and cfg.pretrained_path) else None
+    with torch.random.fork_rng(devices=[]):  # seed the initialisation without resetting the caller's RNG
+        torch.manual_seed(cfg.seed)  # random init (from scratch, and the head) follows the run's seed
+        return build_med3d(depth=cfg.model_depth, num_classes=2, pretrained=path, dropout=cfg.dropout)
+
+
+def model_args(cfg: RunConfig) -> dict:
+    """What builds this run's Med3D, as stored in every checkpoint's ``model`` entry."""
+    return {"depth": cfg.model_depth, "num_classes": NUM_CLASSES, "dropout": cfg.dropout}
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
+    """The Med3D a fedpd checkpoint describes, with its weights: the one way from a checkpoint to a model.
+
+    The architecture comes from the checkpoint itself (its ``model`` entry, else its stored run-config), never
+    from the caller's run-config, so a model is always rebuilt as it was trained. The caller's RNG is left
+    as it was (the weights replace the random initialisation anyway).
+
+    Raises:
+        CheckpointError: the weights do not fit the model the checkpoint names (the message names ``path``).
+    """
+    args = dict(ckpt.get("model") or {})
+    config = ckpt.get("config") or {}
+    try:
+        depth = int(args.get("depth", config.get("model-depth", 10)))
+        classes = int(args.get("num_classes", NUM_CLASSES))
+        dropout = float(args.get("dropout", config.get("dropout", 0.0)))
+        with torch.random.fork_rng(devices=[]):
+            model = build_med3d(depth=depth, num_classes=classes, dropout=dropout)
+        load_state_numpy(model, {k: v.numpy() for k, v in ckpt["state_dict"].items()})
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit Med3D {args or {'depth': config.get('model-depth')}}: "
+                              f"{str(exc).splitlines()[0][:300]}") from exc
+    return model

@@ -26,7 +26,7 @@ is centred on input voxel ``8k`` (checked by the receptive field in the tests). 
 with that alignment (trilinear, ``align_corners=True`` onto ``0, 8, 16, ...``, edge values beyond the
 last centre) instead of MONAI's default upsampler, which would shift it by 3.5 voxels.
 
-The input is the output of :func:`common.transforms.deterministic_transforms`; :func:`preprocess_scan`
+The input is the output of :func:`common.learning.transforms.deterministic_transforms`; :func:`preprocess_scan`
 runs that same pipeline and keeps the affine, so :func:`overlay_png` can place the map in world mm.
 """
 
@@ -48,8 +48,8 @@ from scipy import ndimage
 from torch import nn
 
 from common.device import Runtime
-from common.run import atomic_write_bytes
-from common.transforms import deterministic_transforms
+from common.files import atomic_write_bytes
+from common.learning.transforms import deterministic_transforms
 
 __all__ = ["saliency_map", "overlay_png", "preprocess_scan", "head_mask", "TARGET_LAYER", "FEATURE_STRIDE",
            "BACKGROUNDS", "TEMPLATE_NOTE"]
@@ -179,7 +179,7 @@ def saliency_map(model: nn.Module, image, rt: Runtime, class_idx: int = 1, targe
 def preprocess_scan(path: str | Path, input_shape: Sequence[int], spacing: Sequence[float]) -> MetaTensor:
     """One scan through the training pipeline, returned with the affine of its final grid.
 
-    The transforms are those of :func:`common.transforms.deterministic_transforms`, applied one by one:
+    The transforms are those of :func:`common.learning.transforms.deterministic_transforms`, applied one by one:
     the values equal the pipeline's output exactly; the affine is read before the last step drops the
     metadata. A :class:`~common.errors.DataError` from the pipeline (missing file, not NIfTI, 4D, NaN,
     empty, bad affine) propagates unchanged, naming the file.
@@ -274,7 +274,7 @@ def overlay_png(image, saliency: np.ndarray, out_png: str | Path, title: str = "
         fig.text(0.01, 0.02, text, color="white", fontsize=7, va="bottom", ha="left")
     buf = io.BytesIO()
     # The PNG's "Software" text chunk marks it as a fedpd overlay: `fedpd predict --saliency` overwrites an
-    # existing file only when it carries this mark (simulation.predict.is_fedpd_png), never another file.
+    # existing file only when it carries this mark (common.inference.predict.is_fedpd_png), never another file.
     fig.savefig(buf, format="png", dpi=dpi, facecolor="black", metadata={"Software": PNG_SOFTWARE})
     out = Path(out_png)
     atomic_write_bytes(out, buf.getvalue())

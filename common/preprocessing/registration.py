@@ -1,6 +1,6 @@
 """One raw T1 head scan onto the MNI152 template: the per-scan core of ``fedpd preprocess``.
 
-Steps (:func:`preprocess_scan`; the why of each is in :mod:`common.preprocess`'s docstring): scan check,
+Steps (:func:`preprocess_scan`; the why of each is in :mod:`common.preprocessing.pipeline`'s docstring): scan check,
 Otsu head mask, N4 on a ~6 mm copy, moments initialisation, coarse pose search, similarity then affine
 registration (Mattes MI inside the dilated template brain mask, fixed sampling seed), resampling onto the
 template grid, the template brain mask (background exactly 0), QC figures. SimpleITK does the work;
@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.errors import ConfigError, DataError
-from common.scans import scan_problem
+from common.cohort.scans import scan_problem
 
 __all__ = ["DEFAULT_TEMPLATE_MM", "REGISTRATION_MARGIN_MM", "N4_VOXEL_MM", "MIN_EXTENT_MM", "SEED", "Template",
            "ScanResult", "load_template", "nifti_to_sitk", "head_mask", "n4_correct", "register_to_template",

@@ -4,7 +4,7 @@ Cache layout (one folder per site, from the node-config ``cache-dir``)::
 
     <cache-dir>/<pipeline_fingerprint(input_shape, spacing)>/<item hash><transform-name hash>.pt
 
-- ``<pipeline_fingerprint>`` (:func:`common.transforms.pipeline_fingerprint`) changes with any
+- ``<pipeline_fingerprint>`` (:func:`common.learning.transforms.pipeline_fingerprint`) changes with any
   transform class or parameter, the input shape, the spacing, ``PIPELINE_VERSION`` or the library
   versions, so a changed pipeline never reads a stale tensor. Old folders are left alone (never
   deleted by fedpd): remove them by hand when disk runs short.
@@ -43,7 +43,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from common.errors import ConfigError, DataError
 from common.keys import CLASS_BALANCING, NUM_CLASSES
-from common.transforms import build_pipeline, pipeline_fingerprint
+from common.learning.transforms import build_pipeline, pipeline_fingerprint
 
 __all__ = ["ScanDataset", "build_dataset", "file_fingerprint", "class_counts", "class_weights",
            "make_loader"]
@@ -59,7 +59,7 @@ def _records(rows) -> list[dict]:
         missing = [k for k in _REQUIRED if k not in rec]
         if missing:
             raise DataError(f"row {i} ({rec.get('image_id', '?')}): missing {', '.join(missing)}; rows need "
-                            f"{', '.join(_REQUIRED)} (read them with common.manifest.read_manifest)")
+                            f"{', '.join(_REQUIRED)} (read them with common.cohort.manifest.read_manifest)")
     return records
 
 
@@ -154,13 +154,13 @@ def build_dataset(rows, input_shape: Sequence[int], spacing: Sequence[float], ca
         input_shape: voxels ``(D, H, W)`` fed to the network.
         spacing: voxel size in mm.
         cache_dir: this site's cache root (node-config ``cache-dir``).
-        train: add the random augmentations of :func:`common.transforms.train_augmentations`.
+        train: add the random augmentations of :func:`common.learning.transforms.train_augmentations`.
         seed: their seed (run seed + site index).
 
     Raises:
         DataError: a row without the required keys or with a bad label, or an unwritable cache folder.
             Problems with an image file are raised when that item is first loaded (run
-            :func:`common.scans.preflight_scans` to learn them all up front).
+            :func:`common.cohort.scans.preflight_scans` to learn them all up front).
     """
     records = _records(rows)
     labels = [_label(r) for r in records]

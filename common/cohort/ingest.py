@@ -12,7 +12,7 @@ Steps, in order (DESIGN.md, "Input formats"):
    with dicom2nifti into ``<nifti_cache>/<image_id>.nii.gz``: written under a temporary name and renamed,
    so an interrupted run leaves no half file, and a re-run reuses it (cached by image id: IDA ids are
    immutable; delete the file to force a new conversion).
-5. Every NIfTI (given or converted) goes through :func:`common.scans.check_scans` (readable, not
+5. Every NIfTI (given or converted) goes through :func:`common.cohort.scans.check_scans` (readable, not
    truncated, one 3D volume of >= 8 voxels per axis, finite, some voxel > 0, not constant, usable
    affine); results are cached by file content in ``<nifti_cache>/.scan-check.json``. A failing scan is
    excluded with its reason, like a failed conversion.
@@ -35,11 +35,11 @@ duplicate ids, unknown groups) stop the run before any conversion.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -51,8 +51,10 @@ from tqdm import tqdm
 
 from common.errors import DataError
 from common.files import same_file
-from common.manifest import validate_manifest, write_manifest
-from common.scans import check_scans
+from common.cohort.manifest import validate_manifest, write_manifest
+from common.cohort.scans import check_scans
+
+log = logging.getLogger("fedpd.ingest")
 
 __all__ = ["PHANTOM_MARKER", "ingest", "IDA_COLUMNS", "IDA_REQUIRED", "GROUP_LABELS", "EXCLUDED_GROUPS", "UNKNOWN_SITE"]
 
@@ -346,8 +348,8 @@ def ingest(download, csv, sites_csv=None, out="manifest.csv", nifti_cache=None, 
         kept = sum(1 for p in cache.glob("*.nii.gz") if not p.name.startswith("."))
         done = (f"{out} was written before the interruption" if state["written"] else
                 f"no manifest was written ({out} {'is unchanged' if state['existed'] else 'does not exist'})")
-        print(f"ingest: interrupted: {kept} converted NIfTI file(s) stay cached in {cache} ({state['converted']} "
-              f"converted by this run; a re-run reuses them); {done}; no temporary file was left.", file=sys.stderr)
+        log.warning(f"ingest: interrupted: {kept} converted NIfTI file(s) stay cached in {cache} ({state['converted']} "
+                    f"converted by this run; a re-run reuses them); {done}; no temporary file was left.")
         raise
     finally:
         for p in _temp_files(out.parent, cache) - before:
@@ -360,9 +362,9 @@ def _ingest(download: Path, csv: Path, sites_csv: Path | None, out: Path, cache:
     ida = _read_ida(csv)
     kept, excluded = _labels(ida, csv)
     site_table = _read_sites(sites_csv)
-    print(f"ingest: {len(ida)} rows in {csv.name}; {len(kept)} PD/control scans kept")
+    log.info(f"ingest: {len(ida)} rows in {csv.name}; {len(kept)} PD/control scans kept")
     for group, n in sorted(excluded.items()):
-        print(f"ingest: excluded {n} scan(s) of group {group!r} (not PD or control)")
+        log.info(f"ingest: excluded {n} scan(s) of group {group!r} (not PD or control)")
 
     index = _index_tree(download, set(kept["Image Data ID"]))
     failed: list[tuple[str, str]] = []
@@ -398,7 +400,7 @@ def _ingest(download: Path, csv: Path, sites_csv: Path | None, out: Path, cache:
             continue
         state["converted"] += 1
         paths[iid] = target
-    print(f"ingest: DICOM series converted {state['converted']}, reused {reused} (cache {cache})")
+    log.info(f"ingest: DICOM series converted {state['converted']}, reused {reused} (cache {cache})")
     _scan_check(paths, cache, failed)
 
     failed.sort()
@@ -434,8 +436,8 @@ def write_ingested(df: pd.DataFrame, out: Path, force: bool, failed: list[tuple[
     if state is not None:
         state["written"] = True
     if backup is not None:
-        print(f"ingest: replaced {out} (--force); the previous file is kept as {backup} (a split column it had is "
-              "not carried over: run fedpd split again)")
+        log.info(f"ingest: replaced {out} (--force); the previous file is kept as {backup} (a split column it had is "
+                 "not carried over: run fedpd split again)")
     _summary(df, out)
     if failed:
         _report_failures(failed)
@@ -456,8 +458,8 @@ def _scan_check(paths: dict[str, Path], cache: Path, failed: list[tuple[str, str
         failed.append((p.image_id, f"{p.path}: {p.problem}" + ("; it was converted from DICOM: delete it to "
                                                                "convert the series again" if converted else "")))
         del paths[p.image_id]
-    print(f"ingest: scan check: {len(paths)} of {len(paths) + len(problems)} scan(s) usable "
-          f"(results cached in {cache / SCAN_CHECK_CACHE})")
+    log.info(f"ingest: scan check: {len(paths)} of {len(paths) + len(problems)} scan(s) usable "
+             f"(results cached in {cache / SCAN_CHECK_CACHE})")
 
 
 def _col(rows: pd.DataFrame, name: str):
@@ -472,32 +474,32 @@ def _subject_sites(subjects: pd.Series, table: dict[str, str], institutions: dic
         elif s in institutions:
             counts = Counter(institutions[s]).most_common()
             if len(counts) > 1:
-                print(f"ingest: warning: subject {s} has series from {len(counts)} institutions "
-                      f"({', '.join(n for n, _ in counts)}); using {counts[0][0]!r}", file=sys.stderr)
+                log.warning(f"ingest: warning: subject {s} has series from {len(counts)} institutions "
+                            f"({', '.join(n for n, _ in counts)}); using {counts[0][0]!r}")
             sites[s], src = counts[0][0], "DICOM InstitutionName"
         else:
             sites[s], src = UNKNOWN_SITE, UNKNOWN_SITE
         source[src] += 1
-    print("ingest: site from " + ", ".join(f"{k}: {v} subject(s)" for k, v in sorted(source.items())))
+    log.info("ingest: site from " + ", ".join(f"{k}: {v} subject(s)" for k, v in sorted(source.items())))
     if source[UNKNOWN_SITE]:
         unknown = [s for s in sorted(sites) if sites[s] == UNKNOWN_SITE]
         names = ", ".join(unknown[:_SHOW]) + (f" and {len(unknown) - _SHOW} more" if len(unknown) > _SHOW else "")
-        print(f"ingest: warning: {source[UNKNOWN_SITE]} subject(s) have site {UNKNOWN_SITE!r} (not in --sites-csv "
-              f"and no DICOM InstitutionName): {names}; pass --sites-csv with PPMI's centre list (PATNO,CNO) "
-              "listing them to fix it", file=sys.stderr)
+        log.warning(f"ingest: warning: {source[UNKNOWN_SITE]} subject(s) have site {UNKNOWN_SITE!r} (not in --sites-csv "
+                    f"and no DICOM InstitutionName): {names}; pass --sites-csv with PPMI's centre list (PATNO,CNO) "
+                    "listing them to fix it")
     return sites
 
 
 def _summary(df: pd.DataFrame, out: Path) -> None:
     n_pd, n_hc = int((df["label"] == 1).sum()), int((df["label"] == 0).sum())
     subj = df.drop_duplicates("subject_id")
-    print(f"ingest: wrote {out}: {len(df)} scans ({n_pd} PD, {n_hc} control) of {len(subj)} subjects "
-          f"({int((subj['label'] == 1).sum())} PD, {int((subj['label'] == 0).sum())} control) at "
-          f"{df['site'].nunique()} site(s)")
+    log.info(f"ingest: wrote {out}: {len(df)} scans ({n_pd} PD, {n_hc} control) of {len(subj)} subjects "
+             f"({int((subj['label'] == 1).sum())} PD, {int((subj['label'] == 0).sum())} control) at "
+             f"{df['site'].nunique()} site(s)")
 
 
 def _report_failures(failed: list[tuple[str, str]]) -> None:
     width = max(len("image id"), *(len(i) for i, _ in failed)) if failed else 8
     lines = [f"ingest: {len(failed)} scan(s) failed:", f"  {'image id':<{width}}  problem"]
     lines += [f"  {i:<{width}}  {why}" for i, why in failed]
-    print("\n".join(lines), file=sys.stderr)
+    log.warning("\n".join(lines))

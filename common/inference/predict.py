@@ -9,7 +9,7 @@ the same bad-scan errors apply (:class:`~common.errors.DataError`, exit code 2 o
 
 Before any work, the inputs are checked: the saliency path (:func:`check_saliency_path`: never the scan,
 the checkpoint or any existing file that is not an earlier fedpd overlay; a missing folder is created, a
-folder blocked by a file or an unwritable one is refused), the scan (:func:`common.scans.scan_problem`: a
+folder blocked by a file or an unwritable one is refused), the scan (:func:`common.cohort.scans.scan_problem`: a
 scout or a constant image cannot be a whole-head T1) and the weights (no NaN/Inf).
 """
 
@@ -28,13 +28,13 @@ import torch
 from common.config import RunConfig
 from common.device import Runtime, runtime
 from common.errors import CheckpointError, ConfigError, DataError
-from common.evaluation import model_from_checkpoint
+from common.learning.model import model_from_checkpoint
 from common.files import same_file
 from common.keys import CLASS_NAMES
-from common.model import nonfinite_tensors
-from common.run import RunDir
-from common.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
-from common.scans import scan_problem
+from common.learning.model import nonfinite_tensors
+from common.runs.rundir import RunDir
+from common.learning.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
+from common.cohort.scans import scan_problem
 
 __all__ = ["Predictor", "load_predictor", "predict_scan", "format_result", "check_saliency_path", "is_fedpd_png",
            "DEFAULT_THRESHOLD", "CLASS_NAMES"]
@@ -235,7 +235,7 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
     Args:
         checkpoint: a run's ``model.pt`` or ``checkpoints/round-<k>.pt``.
         scan: one 3D T1 NIfTI file.
-        saliency_png: where to write the Grad-CAM overlay (:mod:`common.saliency`); ``None`` for none.
+        saliency_png: where to write the Grad-CAM overlay (:mod:`common.learning.saliency`); ``None`` for none.
             The map explains the decided class (evidence for PD when the decision is PD, else control).
         background: ``template`` (MNI152), ``scan`` (the preprocessed scan) or ``auto``: the template for
             phantom models (generated in MNI space), the scan otherwise (real scans are not registered).

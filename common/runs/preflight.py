@@ -9,7 +9,7 @@ not a minute of Flower start-up and pages of tracebacks.
 
 Checks, in order (cheap first):
 
-1. the run folder: not an earlier run unless ``resume`` (:meth:`common.run.RunDir.existing_run`); it is
+1. the run folder: not an earlier run unless ``resume`` (:meth:`common.runs.rundir.RunDir.existing_run`); it is
    created (and so proven writable) last, when everything else passed;
 2. the partition: ``sites/*.csv`` and ``server.csv`` read as manifests with a split;
 3. subjects: a subject belongs to one site file only; no subject of a site's *train* rows is in
@@ -17,7 +17,7 @@ Checks, in order (cheap first):
    both by design: the server validates on them, the sites may too);
 4. ``min-nodes`` <= the number of site files (Flower would otherwise wait forever for more sites);
 5. ``pretrained-path`` exists and loads strictly into Med3D of ``model-depth``;
-6. every scan of every file passes :func:`common.scans.scan_problem`, cached by file content in
+6. every scan of every file passes :func:`common.cohort.scans.scan_problem`, cached by file content in
    ``<partition>/cache/scan-check.json``.
 """
 
@@ -31,9 +31,9 @@ import pandas as pd
 
 from common.config import RunConfig
 from common.errors import CheckpointError, ConfigError, DataError
-from common.manifest import read_manifest
-from common.run import RunDir
-from common.scans import format_problems, check_scans
+from common.cohort.manifest import read_manifest
+from common.runs.rundir import RunDir
+from common.cohort.scans import format_problems, check_scans
 
 __all__ = ["Preflight", "check_run_dir", "check_subjects", "check_pretrained", "check_min_nodes", "preflight_partition",
            "SCAN_CACHE"]
@@ -129,7 +129,7 @@ def check_pretrained(cfg: RunConfig) -> None:
     """``pretrained-path`` (when set) exists and loads strictly into Med3D of ``model-depth``."""
     if not cfg.pretrained_path:
         return
-    from common.model import check_checkpoint  # torch model code: only when a checkpoint is given
+    from common.learning.model import check_checkpoint  # torch model code: only when a checkpoint is given
 
     path = Path(cfg.pretrained_path).expanduser()
     if not path.is_file():

@@ -1,8 +1,8 @@
 """Site-local preprocessing of raw T1 head scans into MNI space (DESIGN.md, "Preprocessing").
 
-Per scan (:func:`common.registration.preprocess_scan`, re-exported here), with SimpleITK doing the work:
+Per scan (:func:`common.preprocessing.registration.preprocess_scan`, re-exported here), with SimpleITK doing the work:
 
-1. read the NIfTI (nibabel, as everywhere in fedpd) after :func:`common.scans.scan_problem`'s checks;
+1. read the NIfTI (nibabel, as everywhere in fedpd) after :func:`common.cohort.scans.scan_problem`'s checks;
 2. head mask: Otsu threshold, largest connected component, holes filled (:func:`head_mask`);
 3. N4 bias-field correction on a ~4 mm copy inside the head mask (:func:`n4_correct`);
 4. registration to the skull-stripped MNI152 T1 template that nilearn ships (:func:`register_to_template`),
@@ -47,6 +47,7 @@ scalp, neck, 10-25 deg / 10-35 mm poses, PIR voxel order, bias field, Rician noi
 
 from __future__ import annotations
 
+import logging
 import base64
 import hashlib
 import html
@@ -64,12 +65,14 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from common.data import file_fingerprint
+from common.learning.data import file_fingerprint
 from common.errors import ConfigError, DataError
-from common.manifest import read_manifest, write_manifest
-from common.registration import (DEFAULT_TEMPLATE_MM, N4_VOXEL_MM, REGISTRATION_MARGIN_MM, SEED, ScanResult, Template,
+from common.cohort.manifest import read_manifest, write_manifest
+from common.preprocessing.registration import (DEFAULT_TEMPLATE_MM, N4_VOXEL_MM, REGISTRATION_MARGIN_MM, SEED, ScanResult, Template,
                                  head_mask, load_template, n4_correct, nifti_to_sitk, preprocess_scan, qc_metrics,
                                  register_to_template)
+
+log = logging.getLogger("fedpd.preprocess")
 
 __all__ = ["PREPROCESS_VERSION", "DEFAULT_TEMPLATE_MM", "DEFAULT_QC_THRESHOLD", "Template", "ScanResult",
            "load_template", "nifti_to_sitk", "head_mask", "n4_correct", "register_to_template", "qc_metrics",
@@ -283,13 +286,13 @@ def preprocess_manifest(manifest, out, *, template_mm: int = DEFAULT_TEMPLATE_MM
     """Preprocess every scan of a manifest into MNI space (``fedpd preprocess MANIFEST --out DIR``).
 
     Writes the files listed in the module docstring into ``out``. Per-scan results are cached by input
-    content (:func:`common.data.file_fingerprint`) and settings (template resolution, N4, pipeline and
+    content (:func:`common.learning.data.file_fingerprint`) and settings (template resolution, N4, pipeline and
     SimpleITK version), each in ``cache/<image_id>.json`` written after that scan's outputs: a re-run
     does no work, a killed run keeps every finished scan, and a changed setting or input file recomputes
     only what it affects. The QC threshold is applied after the cache, so changing it recomputes nothing.
 
     Args:
-        manifest: the input manifest CSV (raw scans; :func:`common.manifest.read_manifest`).
+        manifest: the input manifest CSV (raw scans; :func:`common.cohort.manifest.read_manifest`).
         out: output folder: new, empty, or an earlier output of this function (resumed). It must not be
             the manifest's folder, contain the manifest or contain any input scan.
         template_mm: template voxel size in mm (nilearn's MNI152 T1, resampled by nilearn when not 1).
@@ -358,9 +361,9 @@ def preprocess_manifest(manifest, out, *, template_mm: int = DEFAULT_TEMPLATE_MM
     _qc_html(qc, out, provenance["settings"], counts)
     _write_json(out / "preprocess.json", {**provenance, "complete": True, "counts": counts,
                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    print(f"preprocess: {counts['scans']} scan(s), {counts['computed']} processed, {counts['cached']} from cache; "
-          f"{counts['ok']} ok, {counts['excluded']} excluded (reasons in {out / 'qc.csv'}, figures in "
-          f"{out / 'qc.html'})")
+    log.info(f"preprocess: {counts['scans']} scan(s), {counts['computed']} processed, {counts['cached']} from cache; "
+             f"{counts['ok']} ok, {counts['excluded']} excluded (reasons in {out / 'qc.csv'}, figures in "
+             f"{out / 'qc.html'})")
     return qc
 
 

@@ -1,7 +1,7 @@
 """The schema of ``rounds.jsonl``: one :class:`RoundRecord` per line, written and read through this module.
 
 A round record is what the server side of a round knows once the round is closed
-(:func:`common.evaluation.close_round`): which sites were aggregated and what they reported (counts and
+(:func:`common.runs.rounds.close_round`): which sites were aggregated and what they reported (counts and
 scalars only), who was missing, failed or was rejected, and the round's model on the server's validation
 rows. Its ``schema`` is :data:`ROUNDS_SCHEMA`; lines without one come from fedpd before the schema was
 versioned and have the same layout (schema 1), so older run folders still load.

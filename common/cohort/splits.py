@@ -21,10 +21,10 @@ refuses an ``out`` folder that holds the input manifest (it writes ``server.csv`
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,9 @@ from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 
 from common.errors import DataError
 from common.keys import PARTITION_SCHEMES
-from common.manifest import SPLITS, UNSAFE_SCAN_SPLIT, read_manifest, validate_manifest, write_manifest
+from common.cohort.manifest import SPLITS, UNSAFE_SCAN_SPLIT, read_manifest, validate_manifest, write_manifest
+
+log = logging.getLogger("fedpd.split")
 
 __all__ = ["split_manifest", "split_audit", "format_audit", "partition_manifest", "SCHEMES"]
 
@@ -88,11 +90,11 @@ def _pick(sub: pd.DataFrame, frac: float, seed: int, stage: str, source) -> np.n
         try:
             _, picked = next(StratifiedShuffleSplit(n_splits=1, test_size=frac, random_state=seed).split(x, y))
         except ValueError as exc:
-            print(f"split: {stage}: cannot stratify by {level} ({exc}); trying coarser strata")
+            log.info(f"split: {stage}: cannot stratify by {level} ({exc}); trying coarser strata")
             continue
-        print(f"split: {stage}: stratified by {level}")
+        log.info(f"split: {stage}: stratified by {level}")
         return np.sort(picked)
-    print(f"split: {stage}: unstratified (too few subjects per label)")
+    log.info(f"split: {stage}: unstratified (too few subjects per label)")
     _, picked = next(ShuffleSplit(n_splits=1, test_size=frac, random_state=seed).split(x))
     return np.sort(picked)
 
@@ -129,11 +131,11 @@ def split_manifest(manifest, val: float = 0.15, test: float = 0.15, seed: int = 
     source = path or _IN_MEMORY
     _require_both_classes(df, source)
     if "split" in df.columns and df["split"].notna().any():
-        print("split: replacing the existing split column")
+        log.info("split: replacing the existing split column")
     if "unsafe_split" in df.columns:
         df = df.drop(columns=["unsafe_split"])
     if unsafe_by_scan:
-        print("split: " + UNSAFE_WARNING)
+        log.info("split: " + UNSAFE_WARNING)
         unit = df.assign(subject_id=df["image_id"].astype(str))  # each scan its own unit: the leak on purpose
         sub = _subjects(unit)
     else:
@@ -151,8 +153,8 @@ def split_manifest(manifest, val: float = 0.15, test: float = 0.15, seed: int = 
     validate_manifest(df, target or _IN_MEMORY, require_split=True)
     if target is not None:
         write_manifest(df, target)
-        print(f"split: wrote {target}")
-    print(format_audit(split_audit(df)))
+        log.info(f"split: wrote {target}")
+    log.info(format_audit(split_audit(df)))
     return df
 
 
@@ -324,7 +326,7 @@ def _write_partition(df, pool, out: Path, scheme, seed, alpha, source) -> dict:
     for p in site_dir.glob("*.csv"):
         if p.name in previous and p.name not in names.values():
             p.unlink()
-            print(f"partition: removed {p} from the previous partition")
+            log.info(f"partition: removed {p} from the previous partition")
     for site, fname in names.items():
         rows = pool[pool["site"] == site]
         write_manifest(rows, site_dir / fname)
@@ -374,12 +376,11 @@ def _print_partition(info: dict, out: Path) -> None:
     if info["skipped_sites"]:
         lines.append(f"warning: site(s) with no train subject get no site file (their val rows stay in server.csv): "
                      f"{', '.join(info['skipped_sites'])}")
-    print("\n".join(lines))
+    log.info("\n".join(lines))
     for site, c in info["sites"].items():
         pd_, hc = c["train_scans"]["1"], c["train_scans"]["0"]
         if min(pd_, hc) == 0:
             only = "PD" if hc == 0 else "control"
-            print(f"partition: warning: site {site}: its train rows hold only one class ({pd_} PD / {hc} control "
-                  f"scans of {c['train_subjects']['1'] + c['train_subjects']['0']} subject(s)): it trains on "
-                  f"{only} only and local class balancing cannot help; to compare, try --scheme iid or dirichlet",
-                  file=sys.stderr)
+            log.warning(f"partition: warning: site {site}: its train rows hold only one class ({pd_} PD / {hc} control "
+                        f"scans of {c['train_subjects']['1'] + c['train_subjects']['0']} subject(s)): it trains on "
+                        f"{only} only and local class balancing cannot help; to compare, try --scheme iid or dirichlet")

@@ -1,10 +1,10 @@
 """``fedpd ingest --bids``: a BIDS dataset (``participants.tsv`` + ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``) ->
-``manifest.csv``, the same table :mod:`common.ingest` writes from an IDA download.
+``manifest.csv``, the same table :mod:`common.cohort.ingest` writes from an IDA download.
 
 This is the layout a PPMI-to-BIDS conversion gives (one folder per participant, optionally one per session,
 T1w scans already NIfTI). Steps, in order:
 
-1. Check the outputs before any work (reusing :mod:`common.ingest`'s rules): ``out`` must not be
+1. Check the outputs before any work (reusing :mod:`common.cohort.ingest`'s rules): ``out`` must not be
    ``participants.tsv`` or a scan, must not be a folder, and an existing manifest is replaced only with
    ``force`` (the old file is kept as ``<out>.bak-<YYYYmmdd-HHMMSS>``).
 2. Read ``participants.tsv`` (tab-separated; ``n/a`` or empty = missing). It needs ``participant_id``
@@ -17,10 +17,10 @@ T1w scans already NIfTI). Steps, in order:
    name must start with its folders' ``sub-``/``ses-`` entities. ``image_id`` is the file name without the
    ``_T1w`` suffix and extension (e.g. ``sub-PPMI3001_ses-BL_run-01``): unique in a valid BIDS dataset and
    stable across runs. ``subject_id`` is the ``participant_id``; ``visit`` the session label.
-5. Every scan goes through :func:`common.scans.check_scans` (cached by file content in
+5. Every scan goes through :func:`common.cohort.scans.check_scans` (cached by file content in
    ``<out folder>/.scan-check.json``). A scan that fails, or whose name breaks the rules above, is left out
    with its reason: the manifest of the good scans is written, a table of the failures printed, and then a
-   :class:`DataError` lists them (as :mod:`common.ingest` does).
+   :class:`DataError` lists them (as :mod:`common.cohort.ingest` does).
 
 Optional manifest columns come from ``participants.tsv`` when it has them: ``sex`` and ``age``.
 ``source`` is ``bids``.
@@ -28,8 +28,8 @@ Optional manifest columns come from ``participants.tsv`` when it has them: ``sex
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -37,10 +37,12 @@ import pandas as pd
 
 from common.errors import DataError
 from common.files import same_file
-from common.ingest import (SCAN_CHECK_CACHE, UNKNOWN_SITE, _check_outputs, _check_writable, _report_failures,
+from common.cohort.ingest import (SCAN_CHECK_CACHE, UNKNOWN_SITE, _check_outputs, _check_writable, _report_failures,
                            write_ingested)
-from common.manifest import validate_manifest
-from common.scans import check_scans
+from common.cohort.manifest import validate_manifest
+from common.cohort.scans import check_scans
+
+log = logging.getLogger("fedpd.ingest")
 
 __all__ = ["ingest_bids", "PARTICIPANTS", "BIDS_SOURCE"]
 
@@ -185,18 +187,17 @@ def ingest_bids(bids_dir, out, *, diagnosis_column: str = "group", pd_values=("P
     listed = set(df["participant_id"])
     unlisted = sorted({r["subject_id"] for r in found} - listed)
     scans = [r for r in found if r["subject_id"] in labels]
-    print(f"ingest: {len(df)} participants in {tsv.name}; {len(labels)} PD/control; {len(found) + len(misnamed)} T1w "
-          f"scan(s) found, {len(scans)} of PD/control participants")
+    log.info(f"ingest: {len(df)} participants in {tsv.name}; {len(labels)} PD/control; {len(found) + len(misnamed)} T1w "
+             f"scan(s) found, {len(scans)} of PD/control participants")
     for value, n in sorted(excluded.items()):
-        print(f"ingest: excluded {n} participant(s) with {diagnosis_column} {value!r} (not in --pd-values or "
-              "--control-values)")
+        log.info(f"ingest: excluded {n} participant(s) with {diagnosis_column} {value!r} (not in --pd-values or "
+                 "--control-values)")
     if unlisted:
-        print(f"ingest: excluded {len(unlisted)} subject folder(s) not listed in {tsv.name} (no diagnosis): "
-              f"{_listing(unlisted)}", file=sys.stderr)
+        log.warning(f"ingest: excluded {len(unlisted)} subject folder(s) not listed in {tsv.name} (no diagnosis): "
+                    f"{_listing(unlisted)}")
     without = sorted(set(labels) - {r["subject_id"] for r in scans})
     if without:
-        print(f"ingest: warning: {len(without)} PD/control participant(s) have no T1w scan: {_listing(without)}",
-              file=sys.stderr)
+        log.warning(f"ingest: warning: {len(without)} PD/control participant(s) have no T1w scan: {_listing(without)}")
     failed = [(iid, why) for iid, sub, why in misnamed if sub in labels]  # excluded subjects' files don't count
 
     cache = out.parent / SCAN_CHECK_CACHE
@@ -205,7 +206,7 @@ def ingest_bids(bids_dir, out, *, diagnosis_column: str = "group", pd_values=("P
     bad = {p.image_id for p in problems}
     failed += [(p.image_id, f"{p.path}: {p.problem}") for p in problems]
     scans = [r for r in scans if r["image_id"] not in bad]
-    print(f"ingest: scan check: {len(scans)} of {len(scans) + len(bad)} scan(s) usable (results cached in {cache})")
+    log.info(f"ingest: scan check: {len(scans)} of {len(scans) + len(bad)} scan(s) usable (results cached in {cache})")
 
     failed.sort()
     info = df.set_index("participant_id")
@@ -239,6 +240,6 @@ def _sites(info: pd.DataFrame, column: str | None, subjects: list[str], tsv: Pat
     unknown = [s for s in subjects if sites[s] == UNKNOWN_SITE]
     if unknown:
         why = f"no {column!r} value in {tsv.name}" if column else "no --site-column"
-        print(f"ingest: warning: {len(unknown)} subject(s) have site {UNKNOWN_SITE!r} ({why}): {_listing(unknown)}; "
-              "fill in the site to use the natural per-site partition", file=sys.stderr)
+        log.warning(f"ingest: warning: {len(unknown)} subject(s) have site {UNKNOWN_SITE!r} ({why}): {_listing(unknown)}; "
+                    "fill in the site to use the natural per-site partition")
     return sites

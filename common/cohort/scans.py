@@ -2,12 +2,12 @@
 
 One rule set, used everywhere a scan enters fedpd: ``fedpd ingest`` (after DICOM conversion), the
 preflight of ``fedpd simulate`` / ``fedpd baseline`` and the ServerApp, and the training pipeline
-itself (:class:`common.transforms.CheckScand`). A scan passes when its file exists, reads as NIfTI, is
-not truncated, holds one 3D volume with at least :data:`~common.transforms.MIN_SLICES` voxels along
+itself (:class:`common.learning.transforms.CheckScand`). A scan passes when its file exists, reads as NIfTI, is
+not truncated, holds one 3D volume with at least :data:`~common.learning.transforms.MIN_SLICES` voxels along
 every axis, has only finite voxels, some voxel > 0, is not constant, and has a usable affine.
 
 The check reads every voxel, so results are cached by file content: the cache key is the file's
-fingerprint (size, mtime and a hash of its first and last 64 KiB, :func:`common.data.file_fingerprint`)
+fingerprint (size, mtime and a hash of its first and last 64 KiB, :func:`common.learning.data.file_fingerprint`)
 plus :data:`SCAN_CHECK_VERSION`, so a second run over the same files costs seconds and an edited file
 is checked again. The cache is a small JSON file chosen by the caller (e.g. beside the partition);
 it holds fingerprints and problem texts only, no paths of other files and no voxels.
@@ -25,9 +25,9 @@ from typing import Iterable, Mapping
 import nibabel as nib
 import numpy as np
 
-from common.data import file_fingerprint
+from common.learning.data import file_fingerprint
 from common.errors import DataError
-from common.transforms import NIFTI_READ_ERRORS, CheckScand, LoadNiftid
+from common.learning.transforms import NIFTI_READ_ERRORS, CheckScand, LoadNiftid
 
 __all__ = ["SCAN_CHECK_VERSION", "ScanProblem", "scan_problem", "check_scans", "format_problems", "preflight_scans"]
 

@@ -19,31 +19,12 @@ import numpy as np
 import torch
 
 from common.errors import CheckpointError, DataError
-from common.records import RoundRecord
+from common.files import atomic_write_text
+from common.runs.records import RoundRecord
 
-__all__ = ["RunDir", "CHECKPOINT_FORMAT", "select_round", "SELECTION_RULE", "git_commit", "GIT_COMMIT_ENV", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["RunDir", "CHECKPOINT_FORMAT", "select_round", "SELECTION_RULE", "git_commit", "GIT_COMMIT_ENV"]
 
 CHECKPOINT_FORMAT = "fedpd-checkpoint-1"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by the team
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 GIT_COMMIT_ENV = "FEDPD_GIT_COMMIT"

@@ -34,8 +34,9 @@ import pandas as pd
 from common import keys
 from common.errors import DataError
 from common.keys import CLASS_NAMES
-from common.records import RoundRecord
-from common.run import RunDir, atomic_write_bytes, atomic_write_text
+from common.runs.records import RoundRecord
+from common.runs.rundir import RunDir
+from common.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["render_report", "SECTION_IDS", "REPORT_HTML", "FIGURES_DIR", "baseline_hint"]
 
@@ -764,7 +765,7 @@ def _pick_scans(test: pd.DataFrame, threshold: float, k: int) -> list[tuple[pd.S
 
 def _load_model(ctx: _Run):
     from common.config import RunConfig
-    from common.evaluation import model_from_checkpoint
+    from common.learning.model import model_from_checkpoint
 
     ckpt = RunDir.load_checkpoint(ctx.root / "model.pt")
     cfg = RunConfig.from_mapping(ckpt["config"])
@@ -800,7 +801,7 @@ def _section_saliency(ctx: _Run) -> str:
     bg_note = ("MNI152 template background (phantom scans are generated in MNI space; aligned by world "
                "coordinates only)" if background == "template" else
                "background: the preprocessed scan itself (real scans are not registered to a template)")
-    out.append(_note(f"Grad-CAM (common/saliency.py) of the selected model for {len(out)} test scan(s), chosen "
+    out.append(_note(f"Grad-CAM (common/learning/saliency.py) of the selected model for {len(out)} test scan(s), chosen "
                      f"deterministically from predictions.csv; {bg_note}. A saliency map shows where the model looked, "
                      "not that the region is pathological."))
     return "".join(out)
@@ -808,7 +809,7 @@ def _section_saliency(ctx: _Run) -> str:
 
 def _saliency_figure(ctx: _Run, model, cfg, rt, row: pd.Series, why: str, threshold: float, background: str) -> str:
     """One overlay with its caption, or a note saying why there is none (missing scan, failed map)."""
-    from common.saliency import FEATURE_STRIDE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
+    from common.learning.saliency import FEATURE_STRIDE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
 
     image_id = str(row.get("image_id", row.name))
     label = CLASS_NAMES[int(row["label"])]
@@ -943,7 +944,7 @@ def render_report(run_root: Path, compare: Sequence[Path] = (), saliency_scans: 
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
            f"<title>fedpd report: {esc(root.name)} ({esc(name)}, {esc(ctx.source)} data)</title>"
            f"<style>{_CSS}</style></head><body>{parts[0]}{problems}{''.join(parts[1:])}"
-           f"<footer>Rendered by fedpd common/report.py on {dt.datetime.now().isoformat(timespec='seconds')} from "
+           f"<footer>Rendered by fedpd common/report/render.py on {dt.datetime.now().isoformat(timespec='seconds')} from "
            f"{esc(report_path)}. Re-render: <code>fedpd report {esc(root)}</code>.</footer></body></html>\n")
     out = root / REPORT_HTML
     atomic_write_text(out, doc)

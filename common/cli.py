@@ -1,19 +1,30 @@
 """``fedpd``: the command line. Each subcommand parses its flags and calls one library function.
 
-Imports are lazy so ``fedpd --help`` is quick and a command pulls in only what it uses. Errors a user
-can fix (:class:`common.errors.FedpdError`) are printed as ``fedpd <cmd>: error: ...`` with exit code 2
-and no traceback.
+The commands a site or a study runs on real data live here (check-checkpoint, ingest, preprocess, split,
+partition, predict, report); the local lab's commands (phantom, simulate, baseline) are added by
+``simulation.commands`` through the ``fedpd.commands`` entry-point group in pyproject.toml, so that
+``common`` never imports ``simulation`` (the import rule of DESIGN.md) and an install without the lab
+still has a working ``fedpd``.
+
+Library functions return and log (loggers under ``fedpd``); this module prints: :func:`main` sends the
+``fedpd`` loggers' INFO lines to stdout as plain text (:func:`console`). Imports are lazy so ``fedpd
+--help`` is quick and a command pulls in only what it uses. Errors a user can fix
+(:class:`common.errors.FedpdError`) are printed as ``fedpd <cmd>: error: ...`` with exit code 2 and no
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from common.keys import BASELINE_MODES, PARTITION_SCHEMES
+from common.keys import PARTITION_SCHEMES
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "console", "COMMANDS_GROUP"]
+
+COMMANDS_GROUP = "fedpd.commands"  # entry points: a callable that adds subcommands to the subparsers it is given
 
 
 def _values(text: str) -> tuple[str, ...]:
@@ -21,16 +32,9 @@ def _values(text: str) -> tuple[str, ...]:
 
 
 def _check_checkpoint(a):
-    from common.model import check_checkpoint
+    from common.learning.model import check_checkpoint
 
     print(check_checkpoint(a.path, depth=a.depth))
-
-
-def _phantom(a):
-    from simulation.phantom import generate_phantom
-
-    generate_phantom(a.out, subjects=a.subjects, sites=a.sites, shape=a.shape, effect=a.effect, seed=a.seed,
-                     dicom_fraction=a.dicom_fraction, space=a.space)
 
 
 def _ingest(a):
@@ -39,21 +43,21 @@ def _ingest(a):
     if a.bids is not None:
         if a.download is not None or a.csv is not None or a.sites_csv is not None or a.nifti_cache is not None:
             raise DataError("--bids reads a BIDS dataset: leave out DOWNLOAD, --csv, --sites-csv and --nifti-cache")
-        from common.bids import ingest_bids
+        from common.cohort.bids import ingest_bids
 
         ingest_bids(a.bids, a.out, diagnosis_column=a.diagnosis_column, pd_values=a.pd_values,
                     control_values=a.control_values, site_column=a.site_column, force=a.force)
         return
     if a.download is None or a.csv is None:
         raise DataError("give DOWNLOAD and --csv (an IDA download), or --bids DIR (a BIDS dataset)")
-    from common.ingest import ingest
+    from common.cohort.ingest import ingest
 
     ingest(a.download, csv=a.csv, sites_csv=a.sites_csv, out=a.out, nifti_cache=a.nifti_cache, force=a.force)
 
 
 def _preprocess(a):
     from common.errors import DataError
-    from common.preprocess import preprocess_manifest
+    from common.preprocessing.pipeline import preprocess_manifest
 
     qc = preprocess_manifest(a.manifest, a.out, template_mm=a.template_mm, n4=not a.no_n4,
                              qc_threshold=a.qc_threshold, workers=a.workers)
@@ -63,56 +67,28 @@ def _preprocess(a):
 
 
 def _split(a):
-    from common.splits import split_manifest
+    from common.cohort.splits import split_manifest
 
     split_manifest(a.manifest, val=a.val, test=a.test, seed=a.seed, out=a.out, unsafe_by_scan=a.unsafe_split_by_scan)
 
 
 def _partition(a):
-    from common.splits import partition_manifest
+    from common.cohort.splits import partition_manifest
 
     partition_manifest(a.manifest, scheme=a.scheme, out=a.out, sites=a.sites, alpha=a.alpha, seed=a.seed)
-
-
-def _simulate(a):
-    from simulation.simulate import simulate
-
-    partition = a.partition
-    if a.holdout_site:
-        from common.config import parse_overrides
-        from common.preflight import check_run_dir
-        from simulation.baselines import holdout_partition
-
-        # refuse an earlier run before the held-out partition is written into its folder
-        check_run_dir(Path(a.out).resolve(), parse_overrides(a.run_config).get("resume") is True)
-
-        partition = holdout_partition(a.partition, a.holdout_site, Path(a.out).resolve() / "holdout-partition")
-    report = simulate(partition, a.rounds, a.out, run_config=a.run_config)
-    from simulation.demo import auc_line
-
-    print(f"report: {Path(a.out).resolve() / 'report.html'} ({Path(a.out).resolve() / 'report.json'})")
-    print(auc_line(report))
-
-
-def _baseline(a):
-    from simulation.baselines import run_baseline
-    from simulation.demo import auc_line
-
-    for arm, report in run_baseline(a.mode, a.partition, a.out, run_config=a.run_config).items():
-        print(f"{arm}: {auc_line(report)}")
 
 
 def _predict(a):
     import json
 
-    from simulation.predict import format_result, predict_scan
+    from common.inference.predict import format_result, predict_scan
 
     result = predict_scan(a.checkpoint, a.scan, saliency_png=a.saliency, background=a.background)
     print(json.dumps(result, indent=2) if a.json else format_result(result))
 
 
 def _report(a):
-    from common.report import render_report
+    from common.report.render import render_report
 
     print(render_report(a.run, compare=a.compare, saliency_scans=a.saliency_scans))
 
@@ -130,20 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", type=Path)
     s.add_argument("--depth", type=int, default=None, help="expected depth (default: guessed from the keys)")
     s.set_defaults(func=_check_checkpoint)
-
-    s = sub.add_parser("phantom", help="write a synthetic PPMI-shaped download (never a clinical result)")
-    s.add_argument("out", type=Path)
-    s.add_argument("--subjects", type=int, default=120)
-    s.add_argument("--sites", type=int, default=3)
-    s.add_argument("--shape", type=int, default=64, help="edge of the cubic output volume in voxels")
-    s.add_argument("--effect", type=float, default=1.0, help="PD effect size; 0 = negative control")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dicom-fraction", type=float, default=0.15, help="share of scans written as DICOM series")
-    s.add_argument("--space", choices=("native", "mni"), default="native",
-                   help="native (default): scanner space like a real download (head pose, skull, neck, anisotropic "
-                        "voxels, noisy background, bias field; known transforms in phantom.json), to be run through "
-                        "fedpd preprocess; mni: already on the MNI152 grid with a zero background")
-    s.set_defaults(func=_phantom)
 
     s = sub.add_parser("ingest", help="IDA download (CSV + image tree) -> manifest.csv")
     s.add_argument("download", type=Path, nargs="?", default=None,
@@ -201,23 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.set_defaults(func=_partition)
 
-    s = sub.add_parser("simulate", help="federated simulation: one virtual site per partition/sites/*.csv")
-    s.add_argument("--partition", type=Path, required=True, help="folder from fedpd partition")
-    s.add_argument("--rounds", type=int, default=None, help="num-server-rounds (default: run-config)")
-    s.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/NAME")
-    s.add_argument("--run-config", default="", help='extra run-config overrides "k=v ...", as flwr run -c')
-    s.add_argument("--holdout-site", default=None,
-                   help="leave-one-site-out: train on the other sites, test on this site's own subjects only")
-    s.set_defaults(func=_simulate)
-
-    s = sub.add_parser("baseline", help="comparison arms on the same engine: centralized, local (each site alone), scratch")
-    s.add_argument("--mode", choices=BASELINE_MODES, required=True)
-    s.add_argument("--partition", type=Path, required=True, help="folder from fedpd partition (same as the federated run)")
-    s.add_argument("--out", type=Path, required=True,
-                   help="run folder; put it under <federated run>/baselines/<mode> to see it in that run's report")
-    s.add_argument("--run-config", default="", help='run-config overrides "k=v ...", the same as the federated run')
-    s.set_defaults(func=_baseline)
-
     s = sub.add_parser("predict", help="PD probability of one scan from a trained run (research use only)")
     s.add_argument("checkpoint", type=Path, help="a run's model.pt (or checkpoints/round-<k>.pt)")
     s.add_argument("scan", type=Path, help="one 3D T1 NIfTI file")
@@ -237,13 +182,58 @@ def build_parser() -> argparse.ArgumentParser:
                         "<run>/baselines/ is always searched")
     s.add_argument("--saliency-scans", type=int, default=3, help="test scans with a Grad-CAM overlay (0: none)")
     s.set_defaults(func=_report)
+
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        ep.load()(sub)
     return p
+
+
+class _Console(logging.StreamHandler):
+    """INFO lines to ``sys.stdout``, warnings and errors to ``sys.stderr``: the streams as they are when a line
+    is emitted (so a redirected or captured stream is honoured)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stderr if self._level_now >= logging.WARNING else sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+    _level_now = logging.INFO
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._level_now = record.levelno
+        super().emit(record)
+
+
+def console() -> logging.Handler:
+    """Print the ``fedpd`` loggers' lines as plain text, INFO to stdout and warnings to stderr: what a command
+    shows.
+
+    Library functions only log; the command line calls this once. Idempotent: one handler however often
+    it is called. Returns the handler."""
+    logger = logging.getLogger("fedpd")
+    for h in logger.handlers:
+        if isinstance(h, _Console):
+            return h
+    handler = _Console()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedpd`` console script."""
     from common.errors import FedpdError
 
+    console()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -156,6 +156,6 @@ def main(grid: Grid, context: Context) -> None:
                                  "participation": _participation(records),
                                  **({"holdout_site": setup.data_info["holdout_site"]} if "holdout_site" in setup.data_info else {})},
                           arm=fedavg_arm(cfg), render=render_report)
-    auc = report["test"]["auc"]
+    auc = report.test["auc"]
     ci = auc.get("ci95") or (float("nan"), float("nan"))
     log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %.3f-%.3f)", setup.run.report_file, auc["value"], *ci)

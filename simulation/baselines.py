@@ -127,7 +127,7 @@ def run_baseline(mode: str, partition, out, run_config: str = "", echo: bool = T
         from simulation.simulate import simulate
 
         report = simulate(partition, None, out, run_config=f"{run_config} pretrained-path=''", echo=echo)
-        return {report.get("arm", "scratch"): report}
+        return {report.arm: report}
     rt = runtime(cfg.amp)
     data_info = {"server_split_audit": split_audit(server), "partition": info, "baseline": mode,
                  "unsafe_scan_split": split_audit(server)["unsafe_split_by_scan"]}

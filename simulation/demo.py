@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from common.errors import FedpdError
+from common.runs.records import RunReport
 
 MARKER = ".fedpd-demo"
 
@@ -38,14 +39,14 @@ def _num(v) -> str:
     return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
-def auc_line(report: dict) -> str:
+def auc_line(report: RunReport) -> str:
     """One line: test AUC with its CI, selected round, threshold, and what kind of data it was."""
-    auc = report["test"]["auc"]
+    auc = report.test.get("auc") or {}
     lo, hi = auc.get("ci95") or (None, None)
-    kind = report["data"]["source"]
+    kind = report.source
     note = " (synthetic phantom, not a clinical result)" if kind == "phantom" else ""
-    return (f"test AUC {_num(auc['value'])} (95% CI {_num(lo)}-{_num(hi)}), selected round {report['selected_round']}, "
-            f"threshold {_num(report['threshold'])}; data: {kind}{note}")
+    return (f"test AUC {_num(auc.get('value'))} (95% CI {_num(lo)}-{_num(hi)}), selected round {report.selected_round}, "
+            f"threshold {_num(report.threshold)}; data: {kind}{note}")
 
 
 def _step(title: str) -> float:

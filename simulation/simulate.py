@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch
 from common.config import RunConfig, parse_overrides
 from common.errors import ConfigError, FedpdError
 from common.runs.preflight import preflight_partition
+from common.runs.records import RunReport, load_report
 from simulation.flower import flwr_run, start_superlink, stop, write_connections, write_run_config
 
 log = logging.getLogger("fedpd.simulate")
@@ -113,7 +113,7 @@ def _server_error(log: Path) -> str | None:
 _ERROR_LINE = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
 
 
-def _result(out: Path, code: int, started: float, link_log: Path) -> dict:
+def _result(out: Path, code: int, started: float, link_log: Path) -> RunReport:
     """The report written by *this* run, or a :class:`SimulationError` that says why there is none.
 
     A run counts only when its ServerApp wrote ``report.json`` after the run started: ``flwr run`` exits 0
@@ -128,4 +128,4 @@ def _result(out: Path, code: int, started: float, link_log: Path) -> dict:
         raise SimulationError(f"the run failed{': ' + why if why else ''} (flwr run exit code {code}, "
                               f"{'no new' if not _fresh(report, started) else 'a'} report.json); nothing was reported. "
                               f"Full log: {log} (SuperLink: {link_log})")
-    return json.loads(report.read_text())
+    return load_report(report)

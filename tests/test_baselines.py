@@ -83,12 +83,12 @@ def test_centralized_and_local_arms_share_the_test_split(partition, tmp_path):
                        for p in (partition / "sites").glob("*.csv"))
     for arm, report in reports.items():
         folder = tmp_path / "centralized" if arm == "centralized" else tmp_path / "local" / arm.split(":")[1]
-        assert report["arm"] == arm
-        assert report["test_counts"]["scans"] == len(test_ids)
+        assert report.arm == arm
+        assert report.test_counts["scans"] == len(test_ids)
         preds = pd.read_csv(folder / "predictions.csv", dtype={"image_id": str})
         assert set(preds.loc[preds["split"] == "test", "image_id"]) == test_ids
-        assert set(report["test"]) >= {"auc", "sensitivity", "specificity", "balanced_accuracy"}
-        assert all("ci95" in v for v in report["test"].values())
+        assert set(report.test) >= {"auc", "sensitivity", "specificity", "balanced_accuracy"}
+        assert all("ci95" in v for v in report.test.values())
         rounds = [json.loads(x) for x in (folder / "rounds.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rounds] == [1] and (folder / "model.pt").is_file()
         n_train = rounds[0]["num_examples"]

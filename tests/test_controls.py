@@ -35,13 +35,13 @@ def _pipeline(root: Path, effect: float) -> dict:
     """The whole pipeline on a fresh phantom; returns the centralized arm's report."""
     phantom_cohort(root, effect=effect, quiet=True, val=0.2, test=0.3, **COHORT)
     report = run_baseline("centralized", root / "partition", root / "run", run_config=RUN_CONFIG)["centralized"]
-    assert report["data"]["source"] == "phantom"
-    assert report["test_counts"]["subjects"] >= 30
+    assert report.source == "phantom"
+    assert report.test_counts["subjects"] >= 30
     return report
 
 
-def _auc(report: dict) -> tuple[float, float, float]:
-    auc = report["test"]["auc"]
+def _auc(report) -> tuple[float, float, float]:
+    auc = report.test["auc"]
     lo, hi = auc["ci95"]
     print(f"test AUC {auc['value']:.3f} [95% CI {lo:.3f}, {hi:.3f}]")
     return auc["value"], lo, hi

@@ -207,7 +207,7 @@ def test_figures_are_embedded_and_saved_as_png(phantom):
 
 def test_nan_metrics_render_as_na(phantom):
     root, report = phantom
-    assert report["test_per_site"]["30"]["auc"]["value"] != report["test_per_site"]["30"]["auc"]["value"]  # NaN
+    assert report.test_per_site["30"]["auc"]["value"] != report.test_per_site["30"]["auc"]["value"]  # NaN
     page = (root / "report.html").read_text()
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", _sections(page)["per-site"], flags=re.S)
     site30 = [_text(r) for r in rows if _text(r).startswith("30 ")]
@@ -219,7 +219,7 @@ def test_unsafe_split_and_holdout_are_flagged_and_a_failed_render_keeps_report_j
     root, report, messages, failed_html, rc = real
     # the first render failed (figures/ was a file): report.json is complete, the failure is a warning
     assert not failed_html
-    assert json.loads((root / "report.json").read_text())["test"]["n"]["value"] == report["test"]["n"]["value"] == 8
+    assert json.loads((root / "report.json").read_text())["test"]["n"]["value"] == report.test["n"]["value"] == 8
     assert any("report.html not rendered" in m and "fedpd report" in m for m in messages)
     assert rc == 0  # fedpd report re-rendered it
     page = (root / "report.html").read_text()

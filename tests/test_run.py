@@ -8,7 +8,9 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ import torch
 
 from common.config import RunConfig
 from common.errors import CheckpointError, DataError
-from common.runs.records import ROUNDS_SCHEMA, RoundRecord
+from common.runs.records import REPORT_SCHEMA, ROUNDS_SCHEMA, RoundRecord, RunReport, load_report
 from common.runs.rundir import CHECKPOINT_FORMAT, RunDir, dumps, select_round
 from common.files import atomic_write_text
 
@@ -306,3 +308,56 @@ def test_select_round_falls_back_to_the_other_criterion_with_warning():
     records = recs({"round": 1, "val": {"auc": 0.7, "loss": None}}, {"round": 2, "val": {"auc": 0.6, "loss": float("nan")}})
     with pytest.warns(RuntimeWarning, match="undefined in every round"):
         assert select_round(records) == 1
+
+
+# --- report.json: RunReport -------------------------------------------------------------------------------
+
+PRE_SCHEMA = Path(__file__).parent / "fixtures" / "run-pre-schema"
+
+
+def test_a_report_written_before_the_schema_loads_renders_and_round_trips(tmp_path):
+    """A run folder written by fedpd before report.json had a schema (tests/fixtures/run-pre-schema) loads as
+    schema 1, writes back the same keys and values plus the version, and renders with every section."""
+    from common.report.render import render_report
+
+    raw = json.loads((PRE_SCHEMA / "report.json").read_text())
+    assert "schema" not in raw
+    report = load_report(PRE_SCHEMA / "report.json")
+    assert report.schema == REPORT_SCHEMA == 1
+    assert report.to_dict() == raw | {"schema": 1}
+    assert list(report.to_dict())[:len(raw)] == list(raw)  # same key order: the file reads the same
+    assert report.source == "phantom" and report.arm == raw["arm"] and report.threshold == raw["threshold"]
+    assert report.participation == raw["participation"] and report.held_out_site is None
+    assert RunReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+
+    run = tmp_path / "old"
+    shutil.copytree(PRE_SCHEMA, run)
+    page = render_report(run, saliency_scans=0).read_text()
+    assert 'class="error"' not in page  # no section failed
+    assert "PHANTOM DATA" in page and raw["arm"] in page
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"schema": 2}, "newer than this fedpd reads (1)"),
+    ({"schema": "1"}, "schema '1'"),
+    ({"surprise": 1}, "unknown key(s) in a run report: surprise"),
+    ({"test": [0.9]}, "'test' must be an object, got list"),
+])
+def test_a_bad_report_is_named_with_its_file(tmp_path, change, needle):
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(json.loads((PRE_SCHEMA / "report.json").read_text()) | change))
+    with pytest.raises(DataError) as info:
+        load_report(path)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_a_partial_report_takes_defaults_and_a_missing_one_says_what_to_do(tmp_path):
+    report = RunReport.from_dict({"test": {"auc": {"value": 0.9}}})
+    assert report.arm == "run" and report.source == "unknown" and report.threshold is None and report.config == {}
+    assert "participation" not in report.to_dict() and report.to_dict()["schema"] == REPORT_SCHEMA
+    assert RunReport.from_dict({"data": {"partition": {"holdout_site": "20"}}}).held_out_site == "20"
+    with pytest.raises(DataError, match="no such file; a run folder gets its report.json"):
+        load_report(tmp_path / "report.json")
+    (tmp_path / "report.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="holds a list, not a run report object"):
+        load_report(tmp_path / "report.json")

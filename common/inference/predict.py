@@ -16,7 +16,6 @@ scout or a constant image cannot be a whole-head T1) and the weights (no NaN/Inf
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import tempfile
@@ -32,6 +31,7 @@ from common.learning.model import model_from_checkpoint
 from common.files import same_file
 from common.keys import CLASS_NAMES
 from common.learning.model import nonfinite_tensors
+from common.runs.records import RunReport, load_report
 from common.runs.rundir import RunDir
 from common.learning.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
 from common.cohort.scans import scan_problem
@@ -152,15 +152,11 @@ def _threshold(value, where: Path) -> float:
     return t
 
 
-def _read_report(path: Path) -> dict:
+def _read_report(path: Path) -> RunReport:
     try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot be read as JSON ({exc}); restore it, or delete it to predict with the "
-                              "default threshold 0.5") from exc
-    if not isinstance(report, dict):
-        raise CheckpointError(f"{path}: holds a {type(report).__name__}, not a run report object")
-    return report
+        return load_report(path)
+    except DataError as exc:
+        raise CheckpointError(f"{exc}; restore it, or delete it to predict with the default threshold 0.5") from exc
 
 
 def _decide_threshold(ckpt: dict, path: Path) -> tuple[float, str, str | None, list[str]]:
@@ -170,16 +166,16 @@ def _decide_threshold(ckpt: dict, path: Path) -> tuple[float, str, str | None, l
     report_path = path.parent.parent / "report.json"  # <run>/checkpoints/round-<k>.pt -> <run>/report.json
     if report_path.is_file():
         report = _read_report(report_path)
-        source = (report.get("data") or {}).get("source")
-        if "threshold" in report:
+        source = report.data.get("source")
+        if report.threshold is not None:
             notes = []
-            selected, rnd = report.get("selected_round"), ckpt.get("round")
+            selected, rnd = report.selected_round, ckpt.get("round")
             if selected is not None and rnd is not None and int(selected) != int(rnd):
                 model_pt = path.parent.parent / "model.pt"
                 hint = f"; {model_pt} holds the selected model" if model_pt.is_file() else ""
                 notes.append(f"The threshold in {report_path} was chosen on validation for round {selected}, not for "
                              f"this checkpoint's round {rnd}{hint}.")
-            return _threshold(report["threshold"], report_path), "report", source, notes
+            return _threshold(report.threshold, report_path), "report", source, notes
         why = f"{report_path} has no 'threshold'"
     else:
         why = f"no model.pt threshold and no {report_path}"

@@ -34,7 +34,7 @@ import pandas as pd
 from common import keys
 from common.errors import DataError
 from common.keys import CLASS_NAMES
-from common.runs.records import RoundRecord
+from common.runs.records import RoundRecord, RunReport, load_report
 from common.runs.rundir import RunDir
 from common.files import atomic_write_bytes, atomic_write_text
 
@@ -142,7 +142,7 @@ def _note(text: str, kind: str = "note") -> str:
 @dataclass
 class _Run:
     root: Path
-    report: dict
+    report: RunReport
     rounds: list[RoundRecord]
     preds: pd.DataFrame | None
     compare: tuple[Path, ...]
@@ -152,7 +152,7 @@ class _Run:
 
     @property
     def source(self) -> str:
-        return str((self.report.get("data") or {}).get("source") or "unknown")
+        return self.report.source
 
     @property
     def phantom(self) -> bool:
@@ -167,12 +167,11 @@ class _Run:
 
     @property
     def seed(self) -> int:
-        seed = (self.report.get("config") or {}).get("seed", 0)
-        return int(seed) if isinstance(seed, int) else 0
+        return self.report.seed
 
     @property
     def threshold(self) -> float | None:
-        return _num(self.report.get("threshold"))
+        return _num(self.report.threshold)
 
 
 def _read_predictions(path: Path) -> pd.DataFrame | None:
@@ -212,15 +211,6 @@ def _embed(ctx: _Run, png: bytes, name: str, alt: str) -> str:
 # Sections. Each returns an HTML fragment; an exception becomes an error note in that section.
 
 
-def _holdout(report: dict) -> str | None:
-    """The held-out site of a leave-one-site-out run (top level, data, or the partition summary), else None."""
-    data = report.get("data") or {}
-    for value in (report.get("holdout_site"), data.get("holdout_site"), (data.get("partition") or {}).get("holdout_site")):
-        if value not in (None, ""):
-            return str(value)
-    return None
-
-
 def _banner_text(ctx: _Run) -> str:
     source = ctx.source
     if source.startswith("mixed"):
@@ -238,15 +228,14 @@ def _banner_text(ctx: _Run) -> str:
 
 
 def _section_banner(ctx: _Run) -> str:
-    data = ctx.report.get("data") or {}
     cls = "phantom" if ctx.phantom else ("real" if ctx.source in ("ppmi", "bids") else "unknown")
     out = [f'<h1 class="banner {cls}">{esc(_banner_text(ctx))}</h1>']
-    if data.get("unsafe_scan_split"):
+    if ctx.report.unsafe_scan_split:
         out.append('<div id="unsafe-split-warning" class="alarm">WARNING: this run was split by SCAN, not by '
                    "subject (unsafe-scan-split). Scans of one subject are in both training and test, so the model "
                    "is tested on people it has already seen: every figure below is INFLATED. This run is a "
                    "leakage demonstration only; never report its numbers.</div>")
-    holdout = _holdout(ctx.report)
+    holdout = ctx.report.held_out_site
     if holdout:
         out.append(f'<div id="holdout-note" class="holdout">Leave-one-site-out run: site {esc(holdout)} took no part '
                    f"in training, and the test metrics are on site {esc(holdout)}'s scans only.</div>")
@@ -255,25 +244,23 @@ def _section_banner(ctx: _Run) -> str:
 
 def _section_summary(ctx: _Run) -> str:
     r = ctx.report
-    test = r.get("test") or {}
-    counts = r.get("test_counts") or {}
+    test, counts = r.test, r.test_counts
     rows = [
         ("Run folder", str(ctx.root)),
-        ("Arm", r.get("arm", "n/a")),
+        ("Arm", r.arm),
         ("Data source", ctx.source),
         ("Test ROC AUC [95 % CI]", _value_ci(test, "auc")),
         ("Test balanced accuracy [95 % CI]", _value_ci(test, "balanced_accuracy")),
         ("Test set", f"{counts.get('scans', 'n/a')} scans of {counts.get('subjects', 'n/a')} subjects"),
-        ("Selected round", f"{r.get('selected_round', 'n/a')} of {r.get('rounds', len(ctx.rounds) or 'n/a')} "
-                           f"({r.get('selection', 'selection rule not recorded')})"),
-        ("Decision threshold", f"{fmt(r.get('threshold'), 4)} ({r.get('threshold_rule', 'rule not recorded')})"),
+        ("Selected round", f"{r.selected_round if r.selected_round is not None else 'n/a'} of "
+                           f"{r.rounds or len(ctx.rounds) or 'n/a'} ({r.selection or 'selection rule not recorded'})"),
+        ("Decision threshold", f"{fmt(r.threshold, 4)} ({r.threshold_rule or 'rule not recorded'})"),
     ]
     return _table(None, [(f"<b>{esc(k)}</b>", esc(v)) for k, v in rows], raw=True)
 
 
 def _cohort_counts(ctx: _Run) -> tuple[list[str], dict[tuple[str, int], dict[str, tuple[int, int | None]]]]:
     """(column names, {(site, label): {column: (scans, subjects or None)}})."""
-    data = ctx.report.get("data") or {}
     cells: dict[tuple[str, int], dict[str, tuple[int, int | None]]] = {}
     columns: list[str] = []
 
@@ -282,7 +269,7 @@ def _cohort_counts(ctx: _Run) -> tuple[list[str], dict[tuple[str, int], dict[str
             columns.append(column)
         cells.setdefault((str(site), int(label)), {})[column] = (int(scans), None if subjects is None else int(subjects))
 
-    sites = ((data.get("partition") or {}).get("sites")) or {}
+    sites = ctx.report.partition_sites
     for kind, column in (("train", "site train"), ("val", "site val")):
         for site, info in sites.items():
             scans, subjects = info.get(f"{kind}_scans") or {}, info.get(f"{kind}_subjects") or {}
@@ -290,10 +277,10 @@ def _cohort_counts(ctx: _Run) -> tuple[list[str], dict[tuple[str, int], dict[str
                 if str(label) in scans:
                     put(site, label, column, scans[str(label)], subjects.get(str(label)))
     if not sites:  # no partition summary: the training counts the sites reported
-        for site, info in (data.get("site_train_counts") or {}).items():
+        for site, info in ctx.report.site_train_counts.items():
             put(site, 0, "site train", info.get("control", 0), None)
             put(site, 1, "site train", info.get("pd", 0), None)
-    strata = ((data.get("server_split_audit") or {}).get("strata")) or []
+    strata = ctx.report.split_audit.get("strata") or []
     if strata:
         for s in strata:
             if int(s.get("scans", 0)) > 0:
@@ -332,7 +319,7 @@ def _section_cohort(ctx: _Run) -> str:
            _note("Each cell: scans / subjects. 'site train' and 'site val' stay at the sites (they train and "
                  "validate locally); 'server val' chose the round and the threshold; 'server test' was evaluated "
                  "once, on the selected model. '?' = subject count not recorded.")]
-    qc = (ctx.report.get("data") or {}).get("preprocessing_qc") or {}
+    qc = ctx.report.preprocessing_qc
     if qc:
         qrows = [[site, str(c.get("kept", "?")), str(c.get("excluded", "?"))]
                  for site, c in sorted(qc.items(), key=lambda kv: _site_key(kv[0]))]
@@ -340,15 +327,14 @@ def _section_cohort(ctx: _Run) -> str:
                 _note("Site-local preprocessing (fedpd preprocess: N4, affine registration to MNI152, brain mask) "
                       "and its QC, as each site reported it: counts only, over all of the site's scans before the "
                       "split; the reasons stay in the site's qc.csv / qc.html.")]
-    ho = _holdout(ctx.report)
+    ho = ctx.report.held_out_site
     if ho:
         out.append(_note(f"Held-out site {ho}: not used for training; the test rows are its scans."))
     return "".join(out)
 
 
 def _section_split_audit(ctx: _Run) -> str:
-    data = ctx.report.get("data") or {}
-    audit = data.get("server_split_audit") or {}
+    data, audit = ctx.report.data, ctx.report.split_audit
     out = []
     if audit:
         shared = audit.get("subjects_shared_across_splits")
@@ -370,7 +356,7 @@ def _section_split_audit(ctx: _Run) -> str:
     for key in sorted(data):
         if "audit" in key and key != "server_split_audit" and not isinstance(data[key], (dict, list)):
             out.append(_note(f"{key}: {data[key]}"))
-    if data.get("unsafe_scan_split"):
+    if ctx.report.unsafe_scan_split:
         out.append(_note("unsafe-scan-split was on: the split was by scan, so subjects are shared on purpose.",
                          "alarm"))
     if ctx.preds is not None and {"subject_id", "split"} <= set(ctx.preds.columns):
@@ -398,7 +384,7 @@ def _series(ctx: _Run, get: Callable[[RoundRecord], Any]) -> tuple[list[int], li
 def _section_curves(ctx: _Run) -> str:
     if not ctx.rounds:
         return _note("rounds.jsonl is missing or empty: no per-round curves.")
-    selected = ctx.report.get("selected_round")
+    selected = ctx.report.selected_round
     fig = _figure(11, 4)
     ax1, ax2 = fig.subplots(1, 2)
     sites = sorted({s for r in ctx.rounds for s in r.sites}, key=_site_key)
@@ -439,7 +425,7 @@ def _section_curves(ctx: _Run) -> str:
 
 def _section_test_metrics(ctx: _Run) -> str:
     r = ctx.report
-    test = r.get("test") or {}
+    test = r.test
     if not test:
         return _note("report.json has no test metrics.")
     rows = []
@@ -449,8 +435,8 @@ def _section_test_metrics(ctx: _Run) -> str:
         rows.append([label, fmt(value), fmt_ci(ci), n_valid if n_valid is not None else "n/a", what])
     out = [_table(["metric", "value", "95 % CI", "valid resamples", "meaning"], rows)]
     counts = {k: _metric(test, k)[0] for k in ("n", "tp", "fn", "tn", "fp")}
-    out.append(_note(f"Threshold {fmt(r.get('threshold'), 4)}: a scan is predicted PD when its PD probability is >= "
-                     f"the threshold. Chosen by: {r.get('threshold_rule', 'not recorded')}; the test rows were never "
+    out.append(_note(f"Threshold {fmt(r.threshold, 4)}: a scan is predicted PD when its PD probability is >= "
+                     f"the threshold. Chosen by: {r.threshold_rule or 'not recorded'}; the test rows were never "
                      "used to choose it. Intervals: subject-level bootstrap (1000 resamples of subjects, all scans of "
                      "a drawn subject), percentile 95 %."))
     n, tp, fn = (_num(counts[k]) for k in ("n", "tp", "fn"))
@@ -499,7 +485,7 @@ def _section_roc(ctx: _Run) -> str:
     if y.min() == y.max():
         return _note(f"The test set holds only {CLASS_NAMES[int(y[0])]} scans: the ROC curve and AUC are undefined (n/a).")
     fpr, tpr, _ = roc_curve(y, p)
-    value, ci = _metric(ctx.report.get("test"), "auc")
+    value, ci = _metric(ctx.report.test, "auc")
     auc = _num(value) if _num(value) is not None else float(roc_auc_score(y, p))
     grid = np.linspace(0, 1, 101)
     band, valid = _roc_band(y, p, groups, ctx.seed, grid)
@@ -529,7 +515,7 @@ def _section_roc(ctx: _Run) -> str:
 
 
 def _section_confusion(ctx: _Run) -> str:
-    test = ctx.report.get("test") or {}
+    test = ctx.report.test
     counts = {k: _num(_metric(test, k)[0]) for k in ("tp", "fn", "tn", "fp")}
     if any(v is None for v in counts.values()):
         y, p, _ = _test_arrays(ctx)
@@ -560,7 +546,7 @@ def _section_calibration(ctx: _Run) -> str:
     from sklearn.calibration import calibration_curve
 
     y, p, _ = _test_arrays(ctx)
-    test = ctx.report.get("test") or {}
+    test = ctx.report.test
     fig = _figure(5.2, 6)
     ax, hist = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
@@ -587,7 +573,7 @@ def _section_calibration(ctx: _Run) -> str:
 
 
 def _section_per_site(ctx: _Run) -> str:
-    per_site = ctx.report.get("test_per_site") or {}
+    per_site = ctx.report.test_per_site
     if not per_site:
         return _note("report.json has no per-site test metrics.")
     keys = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
@@ -605,7 +591,7 @@ def _section_per_site(ctx: _Run) -> str:
 
 
 def _section_participation(ctx: _Run) -> str:
-    part = ctx.report.get("participation")
+    part = ctx.report.participation
     kinds = ("trained", "missing", "not_sampled", "rejected", "failed")
     rows = []
     if isinstance(part, dict) and part:
@@ -640,31 +626,26 @@ def _find_reports(folder: Path, depth: int = SEARCH_DEPTH) -> list[Path]:
     return sorted(set(found))
 
 
-def _train_data(rep: dict) -> str:
+def _train_data(rep: RunReport) -> str:
     """What an arm trained on, e.g. "federated: sites 10, 20, 30 (33 scans); MedicalNet init"."""
-    if rep.get("train_data"):
-        return str(rep["train_data"])
-    data = rep.get("data") or {}
-    arm = str(rep.get("arm") or "")
-    counts = data.get("site_train_counts") or {}
+    arm, counts = rep.arm, rep.site_train_counts
     n = sum(int((c or {}).get("num_examples", 0) or 0) for c in counts.values()) if counts else None
     if n is None:  # no counts the sites reported: the partition's train scans
-        part = ((data.get("partition") or {}).get("sites")) or {}
+        part = rep.partition_sites
         n = sum(sum((v.get("train_scans") or {}).values()) for v in part.values()) or None
     size = f" ({n} scans)" if n else ""
     if arm.startswith("local:"):
         where = f"site {arm.split(':', 1)[1]} alone{size}"
-    elif arm == "centralized" or data.get("baseline") == "centralized":
+    elif arm == "centralized" or rep.data.get("baseline") == "centralized":
         where = f"all sites pooled centrally{size}"
     elif counts:
         where = f"federated: sites {', '.join(sorted(counts, key=_site_key))}{size}"
     else:
         where = f"n/a{size}"
-    holdout = _holdout(rep)
+    holdout = rep.held_out_site
     if holdout:
         where += f"; site {holdout} held out"
-    cfg = rep.get("config") or {}
-    return f"{where}; {'MedicalNet init' if cfg.get('pretrained-path') else 'random init'}"
+    return f"{where}; {'MedicalNet init' if rep.config.get('pretrained-path') else 'random init'}"
 
 
 def _test_ids(report_path: Path) -> set[str] | None:
@@ -688,16 +669,16 @@ def _section_comparison(ctx: _Run) -> str:
             seen.add(path.resolve())
             others.append(path)
     own_ids = set(ctx.test["image_id"].astype(str)) if ctx.test is not None and "image_id" in ctx.test.columns else None
-    own_counts = ctx.report.get("test_counts") or {}
-    arms = [(ctx.report, own, "this run", "")]
+    own_counts = ctx.report.test_counts
+    arms: list[tuple[RunReport | None, Path, str, str]] = [(ctx.report, own, "this run", "")]
     for path in others:
         try:
-            rep = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            arms.append(({}, path, f"unreadable: {exc}", "differs"))
+            rep = load_report(path)
+        except DataError as exc:
+            arms.append((None, path, f"unreadable: {exc}", "differs"))
             continue
         ids = _test_ids(path)
-        counts = rep.get("test_counts") or {}
+        counts = rep.test_counts
         if own_ids is not None and ids is not None:
             same = ids == own_ids
             status = "same test scans" if same else f"DIFFERENT test set ({len(ids ^ own_ids)} scans differ)"
@@ -707,16 +688,15 @@ def _section_comparison(ctx: _Run) -> str:
         arms.append((rep, path, status, "" if same else "differs"))
     rows, classes = [], []
     for rep, path, status, cls in arms:
-        test = rep.get("test") or {}
-        counts = rep.get("test_counts") or {}
-        name = rep.get("arm") or path.parent.name
+        test, counts = (rep.test, rep.test_counts) if rep is not None else ({}, {})
+        name = rep.arm if rep is not None else path.parent.name
         try:
             where = str(path.parent.relative_to(ctx.root)) or "."
         except ValueError:
             where = str(path.parent)
         arm = f"<b>{esc(name)}</b><br><small>{esc(where if status != 'this run' else 'this run')}</small>"
         flag = f'<span class="{"bad" if cls else "ok"}">{esc(status)}</span>'
-        rows.append([arm, esc(_train_data(rep) if rep else "n/a")]
+        rows.append([arm, esc(_train_data(rep) if rep is not None else "n/a")]
                     + [esc(_value_ci(test, k)) for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1")]
                     + [esc(f"{counts.get('scans', 'n/a')} / {counts.get('subjects', 'n/a')}"), flag])
         classes.append(cls)
@@ -839,9 +819,8 @@ def _saliency_figure(ctx: _Run, model, cfg, rt, row: pd.Series, why: str, thresh
 
 def _section_provenance(ctx: _Run) -> str:
     r = ctx.report
-    cfg = r.get("config") or {}
-    rows = [("device", r.get("device", "n/a")), ("git commit", r.get("git_commit", "n/a")),
-            ("rounds run", r.get("rounds", "n/a"))] + [(k, v) for k, v in cfg.items()]
+    rows = [("device", r.device if r.device is not None else "n/a"), ("git commit", r.git_commit),
+            ("rounds run", r.rounds)] + [(k, v) for k, v in r.config.items()]
     return _table(("key", "value"), [(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in rows])
 
 
@@ -905,15 +884,7 @@ def render_report(run_root: Path, compare: Sequence[Path] = (), saliency_scans: 
     start = time.perf_counter()
     root = Path(run_root)
     report_path = root / "report.json"
-    if not report_path.is_file():
-        raise DataError(f"{report_path}: no such file; a run folder gets its report.json when the run finishes its "
-                        "final evaluation (give the run folder, e.g. runs/NAME)")
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{report_path}: cannot be read as JSON ({exc})") from exc
-    if not isinstance(report, dict):
-        raise DataError(f"{report_path}: holds a {type(report).__name__}, not a run report object")
+    report = load_report(report_path)
     ctx = _Run(root=root, report=report, rounds=[], preds=None, compare=tuple(Path(c) for c in compare),
                saliency_scans=int(saliency_scans), figures=root / FIGURES_DIR)
     try:
@@ -940,7 +911,7 @@ def render_report(run_root: Path, compare: Sequence[Path] = (), saliency_scans: 
             section = ('<div class="grid">' if sid == grid[0] else "") + section + ("</div>" if sid == grid[-1] else "")
         parts.append(section)
     problems = "".join(_note(p, "error") for p in ctx.problems)
-    name = report.get("arm", "run")
+    name = report.arm
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
            f"<title>fedpd report: {esc(root.name)} ({esc(name)}, {esc(ctx.source)} data)</title>"
            f"<style>{_CSS}</style></head><body>{parts[0]}{problems}{''.join(parts[1:])}"

@@ -1,6 +1,9 @@
 """Run-config: parsed once into a frozen dataclass, checked key by key.
 
-Defaults live in one place only, ``[tool.flwr.app.config]`` of ``pyproject.toml``; Flower hands the
+Defaults live in one place only, ``[tool.flwr.app.config]`` of ``pyproject.toml``. A source checkout and an
+installed FAB have it beside the packages; an installed wheel carries a copy of that file as
+``common/app-pyproject.toml`` (hatch ``force-include``), so the defaults are the same wherever fedpd runs
+(:data:`PYPROJECT`). Flower hands the
 merged dict (defaults + ``flwr run -c`` overrides) to the apps as ``context.run_config``, and the
 ``fedpd`` commands merge their ``--run-config "k=v ..."`` the same way. Keys are kebab-case and keep
 their names everywhere; the dataclass field is the same name with ``_`` for ``-``.
@@ -21,7 +24,9 @@ from common.keys import CLASS_BALANCING, MODEL_DEPTHS
 
 __all__ = ["RunConfig", "load_defaults", "parse_overrides", "PYPROJECT"]
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+_CHECKOUT_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"  # a source checkout or a FAB
+_WHEEL_PYPROJECT = Path(__file__).resolve().parent / "app-pyproject.toml"  # an installed wheel
+PYPROJECT = _CHECKOUT_PYPROJECT if _CHECKOUT_PYPROJECT.is_file() else _WHEEL_PYPROJECT
 STRATEGIES = ("fedavg",)
 
 

@@ -52,3 +52,98 @@ def test_required_top_level_exists():
                  "simulation", "deploy", "tests", "benchmarks"]:
         assert (ROOT / name).exists(), name
     assert "make test" in (ROOT / ".ci/run").read_text()
+
+
+# --- common/ by concern: which layer may import which (README "Layout") -----------------------------------
+
+# the foundation: top-level modules every layer may use; they import only each other
+FOUNDATION = {"keys", "errors", "files", "device", "config"}
+LAYERS = {
+    "learning": set(),
+    "cohort": {"learning"},
+    "preprocessing": {"learning", "cohort"},
+    "runs": {"learning", "cohort"},
+    "report": {"learning", "runs"},
+    "inference": {"learning", "cohort", "runs"},
+}
+TOP_OF_COMMON = {"cli"}  # the command line: may use every layer (and never simulation: entry points)
+
+
+def _common_parts(path: Path) -> set[str]:
+    """The second component of every ``common.<x>`` this file imports (``from common import keys`` -> keys)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    parts = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            parts |= {a.name.split(".")[1] for a in node.names if a.name.startswith("common.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "common":
+                parts |= {a.name for a in node.names}
+            elif node.module.startswith("common."):
+                parts.add(node.module.split(".")[1])
+    return parts
+
+
+def test_common_holds_the_foundation_the_layers_and_the_cli_only():
+    top = {p.stem for p in (ROOT / "common").glob("*.py")} - {"__init__"}
+    subpackages = {p.name for p in (ROOT / "common").iterdir() if (p / "__init__.py").is_file()}
+    assert top == FOUNDATION | TOP_OF_COMMON
+    assert subpackages == set(LAYERS)
+    stray = [p for p in (ROOT / "common").iterdir() if p.is_dir() and p.name != "__pycache__" and p.name not in LAYERS]
+    assert not stray
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS) + ["foundation"])
+def test_layers_of_common_import_one_way(layer):
+    if layer == "foundation":
+        files, allowed = [ROOT / "common" / f"{m}.py" for m in sorted(FOUNDATION)], FOUNDATION
+    else:
+        files, allowed = sorted((ROOT / "common" / layer).rglob("*.py")), FOUNDATION | LAYERS[layer] | {layer}
+    bad = [f"{p.relative_to(ROOT)} imports common.{sorted(_common_parts(p) - allowed)}"
+           for p in files if _common_parts(p) - allowed]
+    assert not bad, bad
+
+
+def test_fab_carries_the_apps_and_nothing_else(tmp_path):
+    """`flwr build` (what `flwr run` ships to the SuperLink and SuperNodes): every module of common/, client/ and
+    server/, pyproject.toml, README.md; never simulation/ (the apps do not import it), tests/, deploy/ or data."""
+    import subprocess
+    import sys
+    import zipfile
+
+    flwr = Path(sys.executable).parent / "flwr"
+    subprocess.run([str(flwr), "build", "--app", str(ROOT)], cwd=tmp_path, check=True, capture_output=True, text=True)
+    (fab,) = tmp_path.glob("*.fab")
+    names = set(zipfile.ZipFile(fab).namelist())
+    assert {n.split("/")[0] for n in names} == {".info", "README.md", "pyproject.toml", "common", "client", "server"}
+    wanted = {str(p.relative_to(ROOT)) for pkg in ("common", "client", "server") for p in (ROOT / pkg).rglob("*.py")
+              if "__pycache__" not in p.parts}
+    assert wanted <= names, sorted(wanted - names)
+
+
+def test_run_config_defaults_are_found_from_an_installed_wheel(tmp_path):
+    """A non-editable install (wheel into its own folder, used from elsewhere) reads the same defaults as the
+    checkout: pyproject.toml travels in the wheel as common/app-pyproject.toml."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tomllib
+
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("fedpd-*.whl")
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   capture_output=True)
+    code = ("import json, common; from common.config import PYPROJECT, RunConfig, load_defaults; "
+            "cfg = RunConfig.from_mapping({}); "
+            "print(json.dumps({'file': common.__file__, 'pyproject': str(PYPROJECT), 'defaults': load_defaults(), "
+            "'shape': list(cfg.input_shape)}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "site")}
+    out = json.loads(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                                    capture_output=True, text=True).stdout)
+    assert out["file"].startswith(str(tmp_path / "site"))  # the installed copy, not this checkout
+    assert out["pyproject"] == str(tmp_path / "site" / "common" / "app-pyproject.toml")
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert out["defaults"] == expected
+    assert out["shape"] == [int(x) for x in expected["input-shape"].split(",")]

@@ -27,6 +27,7 @@ from common.errors import DataError
 __all__ = [
     "METRIC_KEYS", "COUNT_KEYS", "THRESHOLD_METRIC_KEYS", "ECE_BINS", "THRESHOLD_CRITERIA",
     "MetricUndefinedWarning", "binary_metrics", "metrics_from_confusion", "bootstrap_ci", "best_threshold",
+    "subject_bootstrap", "resampled_scans",
 ]
 
 METRIC_KEYS = ("n", "tp", "fn", "tn", "fp", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
@@ -229,6 +230,27 @@ def _factorize(groups: Any, n: int) -> np.ndarray:
     return np.fromiter((index.setdefault(v, len(index)) for v in g.tolist()), dtype=np.intp, count=n)
 
 
+def subject_bootstrap(groups: Any, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The subject-level bootstrap every interval of fedpd uses (the metric CIs and the report's ROC band).
+
+    Returns ``(subject, draws)``: the subject index (0..S-1, in order of first appearance) of every scan, and
+    ``draws[b]`` the ``S`` subjects drawn with replacement in resample ``b`` (shape ``(n_boot, S)``), from
+    ``numpy.random.default_rng(seed)``: same seed, same resamples. A resample takes all scans of every drawn
+    subject, once per draw (:func:`resampled_scans`).
+    """
+    subject = _factorize(groups, len(groups))
+    n_subj = int(subject.max()) + 1 if len(subject) else 0
+    draws = np.random.default_rng(seed).integers(0, max(n_subj, 1), size=(n_boot, n_subj))
+    return subject, draws
+
+
+def resampled_scans(subject: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """Indices of the scans of one resample: all scans of each drawn subject, repeated as often as it was drawn."""
+    members = np.argsort(subject, kind="stable")
+    starts = np.searchsorted(subject[members], np.arange(int(subject.max()) + 2))
+    return np.concatenate([members[starts[i]:starts[i + 1]] for i in drawn]) if len(drawn) else np.empty(0, np.intp)
+
+
 def _weighted_metrics(w: np.ndarray, y: np.ndarray, p: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
     """Every non-count metric for a batch of resamples given as scan multiplicities ``w`` (B, n).
 
@@ -292,7 +314,7 @@ def bootstrap_ci(y_true: Any, y_score: Any, groups: Any, threshold: float = 0.5,
     """
     y, p = _validate(y_true, y_score, "bootstrap_ci")
     t = _check_threshold(threshold, "bootstrap_ci")
-    subject = _factorize(groups, len(y))
+    _factorize(groups, len(y))  # checks groups before the other arguments, naming bootstrap_ci
     if isinstance(n_boot, (bool, np.bool_)) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise DataError(f"bootstrap_ci: n_boot must be a positive integer, got {n_boot!r}")
     if not 0.0 < float(alpha) < 1.0:
@@ -300,9 +322,8 @@ def bootstrap_ci(y_true: Any, y_score: Any, groups: Any, threshold: float = 0.5,
     ci_key = f"ci{100 * (1 - float(alpha)):g}"
     point = binary_metrics(y, p, threshold=t)
 
-    rng = np.random.default_rng(seed)
-    n_subj = int(subject.max()) + 1
-    draws = rng.integers(0, n_subj, size=(n_boot, n_subj))  # drawn subject ids, one row per resample
+    subject, draws = subject_bootstrap(groups, n_boot, seed)  # drawn subject ids, one row per resample
+    n_subj = draws.shape[1]
     pred = (p >= t).astype(np.float64)
     keys = METRIC_KEYS[len(COUNT_KEYS):]
     boot = {k: np.empty(n_boot) for k in keys}

@@ -18,11 +18,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import gc
-import html
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,8 @@ from common.keys import CLASS_NAMES
 from common.runs.records import RoundRecord, RunReport, load_report
 from common.runs.rundir import RunDir
 from common.files import atomic_write_bytes, atomic_write_text
+from common.report.html import esc, fmt, fmt_ci, metric, note, num, page, table, value_ci
+from common.report.plots import CI_BOOT, figure, roc_band
 
 __all__ = ["render_report", "SECTION_IDS", "REPORT_HTML", "FIGURES_DIR", "baseline_hint"]
 
@@ -44,7 +44,6 @@ log = logging.getLogger("fedpd.report")
 
 REPORT_HTML = "report.html"
 FIGURES_DIR = "figures"
-CI_BOOT = 1000  # resamples of the ROC band (subject level, as the metric intervals)
 SEARCH_DEPTH = 3  # how deep report.json files are looked for under baselines/ and --compare folders
 # (key, label, what it means) in the order of the test-metrics table
 METRICS = (
@@ -65,74 +64,6 @@ METRICS = (
 def baseline_hint(run_root: Path) -> str:
     """The command that adds comparison arms to a run's report."""
     return (f"fedpd baseline --mode centralized|local|scratch --partition DIR --out {Path(run_root)}/baselines/<mode>")
-
-
-# --------------------------------------------------------------------------------------------------
-# Formatting helpers
-
-
-def _num(v: Any) -> float | None:
-    """``v`` as a finite float, or None (None, NaN, inf, non-numbers)."""
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def fmt(v: Any, digits: int = 3) -> str:
-    """A number with ``digits`` decimals; "n/a" when undefined."""
-    f = _num(v)
-    if f is None:
-        return "n/a"
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return str(int(v))
-    return f"{f:.{digits}f}"
-
-
-def fmt_ci(ci: Any, digits: int = 3) -> str:
-    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or _num(ci[0]) is None or _num(ci[1]) is None:
-        return "n/a"
-    return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
-
-
-def _metric(block: dict | None, key: str) -> tuple[Any, Any]:
-    """(value, ci95) of ``key`` in a ``bootstrap_ci`` block, tolerating plain values and absent keys."""
-    entry = (block or {}).get(key)
-    if isinstance(entry, dict):
-        return entry.get("value"), entry.get("ci95")
-    return entry, None
-
-
-def _value_ci(block: dict | None, key: str) -> str:
-    value, ci = _metric(block, key)
-    text = fmt(value)
-    return text if text == "n/a" or fmt_ci(ci) == "n/a" else f"{text} {fmt_ci(ci)}"
-
-
-def esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], row_classes: Sequence[str] | None = None,
-           raw: bool = False) -> str:
-    """An HTML table (no header row when ``header`` is None); cells are escaped unless ``raw``."""
-    cell = (lambda c: str(c)) if raw else esc
-    out = ["<table>"]
-    if header:
-        out += ["<thead><tr>", *(f"<th>{esc(h)}</th>" for h in header), "</tr></thead>"]
-    out.append("<tbody>")
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _note(text: str, kind: str = "note") -> str:
-    return f'<p class="{kind}">{esc(text)}</p>'
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +102,7 @@ class _Run:
 
     @property
     def threshold(self) -> float | None:
-        return _num(self.report.threshold)
+        return num(self.report.threshold)
 
 
 def _read_predictions(path: Path) -> pd.DataFrame | None:
@@ -182,16 +113,6 @@ def _read_predictions(path: Path) -> pd.DataFrame | None:
     if missing:
         raise ValueError(f"{path}: lacks column(s) {', '.join(sorted(missing))}")
     return df
-
-
-def _figure(width: float, height: float):
-    """A matplotlib Figure on its own Agg canvas (the global backend stays as it is)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _save(ctx: _Run, fig, name: str, alt: str) -> str:
@@ -249,14 +170,14 @@ def _section_summary(ctx: _Run) -> str:
         ("Run folder", str(ctx.root)),
         ("Arm", r.arm),
         ("Data source", ctx.source),
-        ("Test ROC AUC [95 % CI]", _value_ci(test, "auc")),
-        ("Test balanced accuracy [95 % CI]", _value_ci(test, "balanced_accuracy")),
+        ("Test ROC AUC [95 % CI]", value_ci(test, "auc")),
+        ("Test balanced accuracy [95 % CI]", value_ci(test, "balanced_accuracy")),
         ("Test set", f"{counts.get('scans', 'n/a')} scans of {counts.get('subjects', 'n/a')} subjects"),
         ("Selected round", f"{r.selected_round if r.selected_round is not None else 'n/a'} of "
                            f"{r.rounds or len(ctx.rounds) or 'n/a'} ({r.selection or 'selection rule not recorded'})"),
         ("Decision threshold", f"{fmt(r.threshold, 4)} ({r.threshold_rule or 'rule not recorded'})"),
     ]
-    return _table(None, [(f"<b>{esc(k)}</b>", esc(v)) for k, v in rows], raw=True)
+    return table(None, [(f"<b>{esc(k)}</b>", esc(v)) for k, v in rows], raw=True)
 
 
 def _cohort_counts(ctx: _Run) -> tuple[list[str], dict[tuple[str, int], dict[str, tuple[int, int | None]]]]:
@@ -298,7 +219,7 @@ def _site_key(site: str):
 def _section_cohort(ctx: _Run) -> str:
     columns, cells = _cohort_counts(ctx)
     if not cells:
-        return _note("report.json has no per-site counts and there is no predictions.csv: cohort unknown.")
+        return note("report.json has no per-site counts and there is no predictions.csv: cohort unknown.")
     rows, classes = [], []
     totals = {c: [0, 0, True] for c in columns}
     for (site, label) in sorted(cells, key=lambda k: (_site_key(k[0]), k[1])):
@@ -315,21 +236,21 @@ def _section_cohort(ctx: _Run) -> str:
         classes.append("")
     rows.append(["all", "both"] + [f"{t[0]} / {t[1] if t[2] else '?'}" for t in totals.values()])
     classes.append("total")
-    out = [_table(["site", "class"] + columns, rows, classes),
-           _note("Each cell: scans / subjects. 'site train' and 'site val' stay at the sites (they train and "
+    out = [table(["site", "class"] + columns, rows, classes),
+           note("Each cell: scans / subjects. 'site train' and 'site val' stay at the sites (they train and "
                  "validate locally); 'server val' chose the round and the threshold; 'server test' was evaluated "
                  "once, on the selected model. '?' = subject count not recorded.")]
     qc = ctx.report.preprocessing_qc
     if qc:
         qrows = [[site, str(c.get("kept", "?")), str(c.get("excluded", "?"))]
                  for site, c in sorted(qc.items(), key=lambda kv: _site_key(kv[0]))]
-        out += [_table(["site", "scans kept by preprocessing QC", "scans excluded"], qrows, [""] * len(qrows)),
-                _note("Site-local preprocessing (fedpd preprocess: N4, affine registration to MNI152, brain mask) "
+        out += [table(["site", "scans kept by preprocessing QC", "scans excluded"], qrows, [""] * len(qrows)),
+                note("Site-local preprocessing (fedpd preprocess: N4, affine registration to MNI152, brain mask) "
                       "and its QC, as each site reported it: counts only, over all of the site's scans before the "
                       "split; the reasons stay in the site's qc.csv / qc.html.")]
     ho = ctx.report.held_out_site
     if ho:
-        out.append(_note(f"Held-out site {ho}: not used for training; the test rows are its scans."))
+        out.append(note(f"Held-out site {ho}: not used for training; the test rows are its scans."))
     return "".join(out)
 
 
@@ -351,13 +272,13 @@ def _section_split_audit(ctx: _Run) -> str:
                          f"{p.get('scans', 'n/a')} / {p.get('subjects', 'n/a')}"])
         total = audit.get("total") or {}
         rows.append(["total", total.get("subjects", "n/a"), total.get("scans", "n/a"), "", ""])
-        out.append(_table(["split (server manifest)", "subjects", "scans", "control scans / subjects",
+        out.append(table(["split (server manifest)", "subjects", "scans", "control scans / subjects",
                            "PD scans / subjects"], rows))
     for key in sorted(data):
         if "audit" in key and key != "server_split_audit" and not isinstance(data[key], (dict, list)):
-            out.append(_note(f"{key}: {data[key]}"))
+            out.append(note(f"{key}: {data[key]}"))
     if ctx.report.unsafe_scan_split:
-        out.append(_note("unsafe-scan-split was on: the split was by scan, so subjects are shared on purpose.",
+        out.append(note("unsafe-scan-split was on: the split was by scan, so subjects are shared on purpose.",
                          "alarm"))
     if ctx.preds is not None and {"subject_id", "split"} <= set(ctx.preds.columns):
         val = set(ctx.preds.loc[ctx.preds["split"] == "val", "subject_id"])
@@ -367,14 +288,14 @@ def _section_split_audit(ctx: _Run) -> str:
         out.append(f'<p class="{cls}">Re-checked from predictions.csv: {len(both)} subject(s) in both server val and '
                    f"test{(': ' + esc(', '.join(both[:20]))) if both else ''}.</p>")
     if not out:
-        return _note("report.json records no split audit and there is no predictions.csv to check.")
+        return note("report.json records no split audit and there is no predictions.csv to check.")
     return "".join(out)
 
 
 def _series(ctx: _Run, get: Callable[[RoundRecord], Any]) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in ctx.rounds:
-        v = _num(get(r))
+        v = num(get(r))
         if v is not None:
             xs.append(r.round)
             ys.append(v)
@@ -383,9 +304,9 @@ def _series(ctx: _Run, get: Callable[[RoundRecord], Any]) -> tuple[list[int], li
 
 def _section_curves(ctx: _Run) -> str:
     if not ctx.rounds:
-        return _note("rounds.jsonl is missing or empty: no per-round curves.")
+        return note("rounds.jsonl is missing or empty: no per-round curves.")
     selected = ctx.report.selected_round
-    fig = _figure(11, 4)
+    fig = figure(11, 4)
     ax1, ax2 = fig.subplots(1, 2)
     sites = sorted({s for r in ctx.rounds for s in r.sites}, key=_site_key)
     for site in sites:
@@ -416,33 +337,33 @@ def _section_curves(ctx: _Run) -> str:
     for r in ctx.rounds:
         rows.append([r.round, fmt(r.train_loss), fmt(r.val["loss"]), fmt(r.val["auc"]), fmt(r.val["balanced_accuracy"]),
                      r.num_examples, fmt(r.wall_seconds, 1)])
-    table = _table(["round", "train loss", "val loss", "val AUC", "val bal. acc.", "train scans", "wall s"], rows,
+    numbers = table(["round", "train loss", "val loss", "val AUC", "val bal. acc.", "train scans", "wall s"], rows,
                    ["selected" if r.round == selected else "" for r in ctx.rounds])
     return (f"<figure>{img}<figcaption>Training loss (mean over sites weighted by their scans, and per site) and the "
             f"server validation metrics per round; the dash-dot line marks the selected round.</figcaption></figure>"
-            f"<details><summary>Per-round numbers</summary>{table}</details>")
+            f"<details><summary>Per-round numbers</summary>{numbers}</details>")
 
 
 def _section_test_metrics(ctx: _Run) -> str:
     r = ctx.report
     test = r.test
     if not test:
-        return _note("report.json has no test metrics.")
+        return note("report.json has no test metrics.")
     rows = []
     for key, label, what in METRICS:
-        value, ci = _metric(test, key)
+        value, ci = metric(test, key)
         n_valid = (test.get(key) or {}).get("n_boot_valid") if isinstance(test.get(key), dict) else None
         rows.append([label, fmt(value), fmt_ci(ci), n_valid if n_valid is not None else "n/a", what])
-    out = [_table(["metric", "value", "95 % CI", "valid resamples", "meaning"], rows)]
-    counts = {k: _metric(test, k)[0] for k in ("n", "tp", "fn", "tn", "fp")}
-    out.append(_note(f"Threshold {fmt(r.threshold, 4)}: a scan is predicted PD when its PD probability is >= "
+    out = [table(["metric", "value", "95 % CI", "valid resamples", "meaning"], rows)]
+    counts = {k: metric(test, k)[0] for k in ("n", "tp", "fn", "tn", "fp")}
+    out.append(note(f"Threshold {fmt(r.threshold, 4)}: a scan is predicted PD when its PD probability is >= "
                      f"the threshold. Chosen by: {r.threshold_rule or 'not recorded'}; the test rows were never "
                      "used to choose it. Intervals: subject-level bootstrap (1000 resamples of subjects, all scans of "
                      "a drawn subject), percentile 95 %."))
-    n, tp, fn = (_num(counts[k]) for k in ("n", "tp", "fn"))
+    n, tp, fn = (num(counts[k]) for k in ("n", "tp", "fn"))
     if n and tp is not None and fn is not None:
         share = (tp + fn) / n
-        out.append(_note(
+        out.append(note(
             f"Accuracy alone misleads on an imbalanced test set: {share:.1%} of the {int(n)} test scans are PD, so "
             f"calling every scan PD scores accuracy {share:.3f} (all-control: {1 - share:.3f}) with no model at "
             "all. Read balanced accuracy, sensitivity and specificity together, and AUC for the ranking.", "caution"))
@@ -457,39 +378,18 @@ def _test_arrays(ctx: _Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return test["label"].astype(int).to_numpy(), test["score"].astype(float).to_numpy(), groups
 
 
-def _roc_band(y: np.ndarray, p: np.ndarray, groups: np.ndarray, seed: int, grid: np.ndarray):
-    """Percentile 95 % band of the ROC curve over subject-level bootstrap resamples (None if too few valid)."""
-    from sklearn.metrics import roc_curve
-
-    subjects, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(subjects))]
-    rng = np.random.default_rng(seed)
-    curves = []
-    for _ in range(CI_BOOT):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(subjects), len(subjects))])
-        yb = y[idx]
-        if yb.min() == yb.max():
-            continue
-        fpr, tpr, _ = roc_curve(yb, p[idx])
-        curves.append(np.interp(grid, fpr, tpr))
-    if 2 * len(curves) < CI_BOOT:
-        return None, len(curves)
-    arr = np.vstack(curves)
-    return (np.percentile(arr, 2.5, axis=0), np.percentile(arr, 97.5, axis=0)), len(curves)
-
-
 def _section_roc(ctx: _Run) -> str:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     y, p, groups = _test_arrays(ctx)
     if y.min() == y.max():
-        return _note(f"The test set holds only {CLASS_NAMES[int(y[0])]} scans: the ROC curve and AUC are undefined (n/a).")
+        return note(f"The test set holds only {CLASS_NAMES[int(y[0])]} scans: the ROC curve and AUC are undefined (n/a).")
     fpr, tpr, _ = roc_curve(y, p)
-    value, ci = _metric(ctx.report.test, "auc")
-    auc = _num(value) if _num(value) is not None else float(roc_auc_score(y, p))
+    value, ci = metric(ctx.report.test, "auc")
+    auc = num(value) if num(value) is not None else float(roc_auc_score(y, p))
     grid = np.linspace(0, 1, 101)
-    band, valid = _roc_band(y, p, groups, ctx.seed, grid)
-    fig = _figure(5.2, 5)
+    band, valid = roc_band(y, p, groups, ctx.seed, grid)
+    fig = figure(5.2, 5)
     ax = fig.subplots()
     if band is not None:
         ax.fill_between(grid, band[0], band[1], color="tab:blue", alpha=0.2, step=None,
@@ -508,15 +408,15 @@ def _section_roc(ctx: _Run) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     img = _save(ctx, fig, "roc.png", "ROC curve of the test predictions with a 95 % band")
-    note = "" if band is not None else _note(f"Too few resamples hold both classes ({valid}/{CI_BOOT}): no band drawn.")
+    caveat = "" if band is not None else note(f"Too few resamples hold both classes ({valid}/{CI_BOOT}): no band drawn.")
     return (f"<figure>{img}<figcaption>ROC of the selected model on the test scans. The band is the pointwise 95 % "
             f"percentile interval of the true-positive rate over {CI_BOOT} subject-level bootstrap resamples "
-            f"(seed {ctx.seed}).</figcaption></figure>{note}")
+            f"(seed {ctx.seed}).</figcaption></figure>{caveat}")
 
 
 def _section_confusion(ctx: _Run) -> str:
     test = ctx.report.test
-    counts = {k: _num(_metric(test, k)[0]) for k in ("tp", "fn", "tn", "fp")}
+    counts = {k: num(metric(test, k)[0]) for k in ("tp", "fn", "tn", "fp")}
     if any(v is None for v in counts.values()):
         y, p, _ = _test_arrays(ctx)
         t = ctx.threshold if ctx.threshold is not None else 0.5
@@ -524,7 +424,7 @@ def _section_confusion(ctx: _Run) -> str:
         counts = {"tp": float((pred & (y == 1)).sum()), "fn": float((~pred & (y == 1)).sum()),
                   "tn": float((~pred & (y == 0)).sum()), "fp": float((pred & (y == 0)).sum())}
     m = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]], dtype=float)
-    fig = _figure(4.6, 4)
+    fig = figure(4.6, 4)
     ax = fig.subplots()
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
@@ -547,7 +447,7 @@ def _section_calibration(ctx: _Run) -> str:
 
     y, p, _ = _test_arrays(ctx)
     test = ctx.report.test
-    fig = _figure(5.2, 6)
+    fig = figure(5.2, 6)
     ax, hist = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
     frac, mean = calibration_curve(y, p, n_bins=10, strategy="uniform", pos_label=1)
@@ -556,7 +456,7 @@ def _section_calibration(ctx: _Run) -> str:
     for x, f, n in zip(mean, frac, sizes[sizes > 0]):  # calibration_curve drops empty bins, in bin order
         ax.annotate(str(int(n)), (x, f), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set(ylabel="observed share PD", xlim=(-0.01, 1.01), ylim=(-0.02, 1.02),
-           title=f"Reliability: Brier {_value_ci(test, 'brier')}, ECE {_value_ci(test, 'ece')}")
+           title=f"Reliability: Brier {value_ci(test, 'brier')}, ECE {value_ci(test, 'ece')}")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
@@ -568,25 +468,25 @@ def _section_calibration(ctx: _Run) -> str:
     hist.legend(fontsize=7)
     img = _save(ctx, fig, "calibration.png", "reliability diagram of the test predictions")
     return (f"<figure>{img}<figcaption>Reliability diagram (sklearn calibration_curve, 10 equal-width bins; numbers = "
-            f"scans per bin) and the score distribution by true class. Brier {esc(_value_ci(test, 'brier'))}; "
-            f"ECE {esc(_value_ci(test, 'ece'))} (95 % CI).</figcaption></figure>")
+            f"scans per bin) and the score distribution by true class. Brier {esc(value_ci(test, 'brier'))}; "
+            f"ECE {esc(value_ci(test, 'ece'))} (95 % CI).</figcaption></figure>")
 
 
 def _section_per_site(ctx: _Run) -> str:
     per_site = ctx.report.test_per_site
     if not per_site:
-        return _note("report.json has no per-site test metrics.")
+        return note("report.json has no per-site test metrics.")
     keys = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "accuracy")
     rows = []
     for site in sorted(per_site, key=_site_key):
         block = per_site[site]
-        tp, fn, tn, fp = (_num(_metric(block, k)[0]) for k in ("tp", "fn", "tn", "fp"))
+        tp, fn, tn, fp = (num(metric(block, k)[0]) for k in ("tp", "fn", "tn", "fp"))
         n_pd = int(tp + fn) if tp is not None and fn is not None else "n/a"
         n_ctl = int(tn + fp) if tn is not None and fp is not None else "n/a"
-        rows.append([site, fmt(_metric(block, "n")[0]), n_pd, n_ctl] + [_value_ci(block, k) for k in keys])
-    return (_table(["site", "test scans", "PD", "control", "AUC [CI]", "balanced acc. [CI]", "sensitivity [CI]",
+        rows.append([site, fmt(metric(block, "n")[0]), n_pd, n_ctl] + [value_ci(block, k) for k in keys])
+    return (table(["site", "test scans", "PD", "control", "AUC [CI]", "balanced acc. [CI]", "sensitivity [CI]",
                     "specificity [CI]", "F1 [CI]", "accuracy [CI]"], rows)
-            + _note("Same model and threshold at every site. n/a: undefined on that site's scans (e.g. AUC and "
+            + note("Same model and threshold at every site. n/a: undefined on that site's scans (e.g. AUC and "
                     "specificity when a site's test scans are all PD); intervals over few subjects are wide."))
 
 
@@ -608,11 +508,11 @@ def _section_participation(ctx: _Run) -> str:
                          ", ".join(map(str, rej)) or "-", ", ".join(map(str, fail)) or "-"])
         source = "rounds.jsonl"
     else:
-        return _note("No participation recorded (not a federated run, or no rounds).")
+        return note("No participation recorded (not a federated run, or no rounds).")
     problems = sum(1 for row in rows if any(c != "-" for c in row[2:]))
-    return (_table(["round", "trained", "missing", "not sampled", "rejected (update screening)", "failed"], rows,
+    return (table(["round", "trained", "missing", "not sampled", "rejected (update screening)", "failed"], rows,
                    ["problem" if any(c != "-" for c in row[2:]) else "" for row in rows])
-            + _note(f"From {source}. {problems} of {len(rows)} round(s) had a site missing, rejected or failed."))
+            + note(f"From {source}. {problems} of {len(rows)} round(s) had a site missing, rejected or failed."))
 
 
 # --- comparison arms
@@ -697,13 +597,13 @@ def _section_comparison(ctx: _Run) -> str:
         arm = f"<b>{esc(name)}</b><br><small>{esc(where if status != 'this run' else 'this run')}</small>"
         flag = f'<span class="{"bad" if cls else "ok"}">{esc(status)}</span>'
         rows.append([arm, esc(_train_data(rep) if rep is not None else "n/a")]
-                    + [esc(_value_ci(test, k)) for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1")]
+                    + [esc(value_ci(test, k)) for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1")]
                     + [esc(f"{counts.get('scans', 'n/a')} / {counts.get('subjects', 'n/a')}"), flag])
         classes.append(cls)
-    out = [_table(["arm", "train data", "AUC [CI]", "balanced acc. [CI]", "sensitivity [CI]", "specificity [CI]",
+    out = [table(["arm", "train data", "AUC [CI]", "balanced acc. [CI]", "sensitivity [CI]", "specificity [CI]",
                    "F1 [CI]", "test scans / subjects", "test set"], rows, classes, raw=True)]
     if any(classes):
-        out.append(_note("Rows marked DIFFERENT were evaluated on another test set: their numbers cannot be compared "
+        out.append(note("Rows marked DIFFERENT were evaluated on another test set: their numbers cannot be compared "
                          "with this run's. A comparison is only valid on the same test split.", "alarm"))
     if not others:
         out.append(f'<p class="note">No other arms found under {esc(ctx.root / "baselines")}'
@@ -754,16 +654,16 @@ def _load_model(ctx: _Run):
 
 def _section_saliency(ctx: _Run) -> str:
     if ctx.saliency_scans <= 0:
-        return _note("Saliency overlays were not requested (saliency_scans = 0).")
+        return note("Saliency overlays were not requested (saliency_scans = 0).")
     test = ctx.test
     if test is None:
-        return _note("No test rows in predictions.csv: no scans to explain.")
+        return note("No test rows in predictions.csv: no scans to explain.")
     if not (ctx.root / "model.pt").is_file():
-        return _note(f"{ctx.root / 'model.pt'} is missing: saliency needs the selected model.")
+        return note(f"{ctx.root / 'model.pt'} is missing: saliency needs the selected model.")
     from common.device import runtime
 
     model, cfg, ckpt = _load_model(ctx)
-    threshold = _num(ckpt.get("threshold"))
+    threshold = num(ckpt.get("threshold"))
     threshold = threshold if threshold is not None else (ctx.threshold if ctx.threshold is not None else 0.5)
     rt = runtime(amp=False)
     model = model.to(rt.device)
@@ -781,7 +681,7 @@ def _section_saliency(ctx: _Run) -> str:
     bg_note = ("MNI152 template background (phantom scans are generated in MNI space; aligned by world "
                "coordinates only)" if background == "template" else
                "background: the preprocessed scan itself (real scans are not registered to a template)")
-    out.append(_note(f"Grad-CAM (common/learning/saliency.py) of the selected model for {len(out)} test scan(s), chosen "
+    out.append(note(f"Grad-CAM (common/learning/saliency.py) of the selected model for {len(out)} test scan(s), chosen "
                      f"deterministically from predictions.csv; {bg_note}. A saliency map shows where the model looked, "
                      "not that the region is pathological."))
     return "".join(out)
@@ -801,7 +701,7 @@ def _saliency_figure(ctx: _Run, model, cfg, rt, row: pd.Series, why: str, thresh
     raw_path = row.get("path", "")
     path = Path(str(raw_path)) if isinstance(raw_path, str) and raw_path else None
     if path is None or not path.is_file():
-        return f'<div class="scan">{_note(f"{caption} Scan file not found ({path}): no overlay.", "caution")}</div>'
+        return f'<div class="scan">{note(f"{caption} Scan file not found ({path}): no overlay.", "caution")}</div>'
     try:
         image = preprocess_scan(path, cfg.input_shape, cfg.spacing)
         sal = saliency_map(model, image.as_tensor()[None], rt, class_idx=int(decision == "PD"))
@@ -814,14 +714,14 @@ def _saliency_figure(ctx: _Run, model, cfg, rt, row: pd.Series, why: str, thresh
                 f"</figcaption></figure>")
     except Exception as exc:  # one bad scan must not lose the others
         log.warning("saliency for %s failed: %s", image_id, exc)
-        return f'<div class="scan">{_note(f"{caption} Overlay failed: {type(exc).__name__}: {exc}", "error")}</div>'
+        return f'<div class="scan">{note(f"{caption} Overlay failed: {type(exc).__name__}: {exc}", "error")}</div>'
 
 
 def _section_provenance(ctx: _Run) -> str:
     r = ctx.report
     rows = [("device", r.device if r.device is not None else "n/a"), ("git commit", r.git_commit),
             ("rounds run", r.rounds)] + [(k, v) for k, v in r.config.items()]
-    return _table(("key", "value"), [(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in rows])
+    return table(("key", "value"), [(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in rows])
 
 
 # (id, title, renderer); the banner has no title (its first line is the page's first line)
@@ -843,25 +743,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[_Run], str]], ...] = (
 )
 SECTION_IDS = tuple(s[0] for s in SECTIONS)
 
-_CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1150px;margin:0 auto;padding:0 18px 40px;
-color:#1d2430;line-height:1.4;font-size:14px}
-h1.banner{font-size:19px;margin:0 -18px 10px;padding:12px 18px;color:#fff}
-h1.phantom{background:#7a4b00}h1.real{background:#124f8c}h1.unknown{background:#555}
-h2{font-size:17px;border-bottom:2px solid #d6dce4;padding-bottom:3px;margin-top:28px}
-table{border-collapse:collapse;margin:6px 0 8px;font-size:13px}
-th,td{border:1px solid #cfd6df;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#eef2f6}tr.total td{font-weight:bold;background:#f6f8fa}
-tr.selected td{background:#fff3c4}tr.problem td,tr.differs td{background:#fde2e1}
-.alarm{background:#c62828;color:#fff;font-weight:bold;padding:10px 14px;border-radius:4px;font-size:15px}
-p.alarm{font-size:13px}.holdout{background:#e3f0fb;border-left:5px solid #124f8c;padding:8px 12px;font-weight:bold}
-.good{color:#1b5e20}.caution{background:#fff6e0;border-left:4px solid #e0a100;padding:6px 10px}
-.error{background:#fde2e1;border-left:4px solid #c62828;padding:6px 10px;font-family:monospace}
-.note{color:#4a5563}.bad{color:#c62828;font-weight:bold}.ok{color:#1b5e20}
-figure{margin:8px 0}figure img{max-width:100%;border:1px solid #e1e5ea}figcaption{font-size:12px;color:#4a5563;max-width:900px}
-.grid{display:flex;flex-wrap:wrap;gap:0 22px;align-items:flex-start}.grid section{flex:1 1 330px;min-width:0}
-pre{background:#f3f5f7;padding:8px;overflow-x:auto}footer{margin-top:30px;font-size:11px;color:#777}
-"""
+
 
 
 def render_report(run_root: Path, compare: Sequence[Path] = (), saliency_scans: int = 3) -> Path:
@@ -904,19 +786,17 @@ def render_report(run_root: Path, compare: Sequence[Path] = (), saliency_scans: 
             body = render(ctx)
         except Exception as exc:  # confine any failure to its own section
             log.warning("report section %s failed: %s: %s", sid, type(exc).__name__, exc)
-            body = _note(f"This section could not be rendered: {type(exc).__name__}: {exc}", "error")
+            body = note(f"This section could not be rendered: {type(exc).__name__}: {exc}", "error")
         heading = f"<h2>{esc(title)}</h2>" if title else ""
         section = f'<section id="{sid}">{heading}{body}</section>'
         if sid in grid:
             section = ('<div class="grid">' if sid == grid[0] else "") + section + ("</div>" if sid == grid[-1] else "")
         parts.append(section)
-    problems = "".join(_note(p, "error") for p in ctx.problems)
+    problems = "".join(note(p, "error") for p in ctx.problems)
     name = report.arm
-    doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-           f"<title>fedpd report: {esc(root.name)} ({esc(name)}, {esc(ctx.source)} data)</title>"
-           f"<style>{_CSS}</style></head><body>{parts[0]}{problems}{''.join(parts[1:])}"
-           f"<footer>Rendered by fedpd common/report/render.py on {dt.datetime.now().isoformat(timespec='seconds')} from "
-           f"{esc(report_path)}. Re-render: <code>fedpd report {esc(root)}</code>.</footer></body></html>\n")
+    doc = page(f"fedpd report: {root.name} ({name}, {ctx.source} data)", parts[0] + problems + "".join(parts[1:]),
+               f"Rendered by fedpd common/report/render.py on {dt.datetime.now().isoformat(timespec='seconds')} from "
+               f"{esc(report_path)}. Re-render: <code>fedpd report {esc(root)}</code>.")
     out = root / REPORT_HTML
     atomic_write_text(out, doc)
     log.info("report.html written to %s (%.1fs)", out, time.perf_counter() - start)

@@ -1,0 +1,50 @@
+"""The server side of a round, written once: the ServerApp and every baseline arm close their rounds here."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from common import keys
+from common.config import RunConfig
+from common.device import Runtime
+from common.learning.model import model_args
+from common.learning.train import validation_metrics
+from common.runs.records import RoundRecord
+from common.runs.rundir import RunDir
+
+__all__ = ["close_round"]
+
+
+def _train_loss(sites: dict[str, dict]) -> float | None:
+    """The round's training loss: the sites' losses weighted by their examples (one site: its own loss)."""
+    if len(sites) == 1:
+        (only,) = sites.values()
+        return only[keys.TRAIN_LOSS]
+    total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
+    return (sum(s[keys.TRAIN_LOSS] * s[keys.NUM_EXAMPLES] for s in sites.values()) / total) if total else None
+
+
+def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFrame,
+                cache_dir: Path, started: float, strategy: str, sites: dict[str, dict],
+                site_eval: dict | None = None, missing_sites: list | None = None, failures: list | None = None,
+                rejected: list | None = None, site_qc: dict | None = None) -> RoundRecord:
+    """The server side of a round, the same for the ServerApp and every baseline arm: validate the round's
+    model on the server's val rows, build the round record, append it to ``rounds.jsonl``, then checkpoint.
+
+    ``sites`` maps each aggregated site (or the arm) to its train-reply metrics. The record goes first: a
+    crash before the checkpoint lands makes resume repeat round ``g`` (its record is truncated away), and
+    never leaves a checkpoint without its record. Returns the record.
+    """
+    metrics = validation_metrics(model, val_rows, cfg, rt, cache_dir)
+    total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
+    record = RoundRecord(round=g, val=metrics, train_loss=_train_loss(sites), num_examples=total, sites=sites,
+                         site_eval=site_eval or {}, missing_sites=missing_sites or [], failures=failures or [],
+                         rejected=rejected or [], site_qc=site_qc or {}, wall_seconds=time.time() - started)
+    run.append_round(record)
+    run.save_checkpoint(g, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, config=cfg.to_dict(),
+                        metrics=record.to_dict(), model=model_args(cfg), strategy={"name": strategy, "round": g})
+    return record

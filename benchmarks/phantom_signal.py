@@ -33,15 +33,14 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.config import RunConfig
-from common.device import runtime
-from common.learning.train import evaluate_rows, train_loader
-from common.learning.model import make_model
 from common.cohort.ingest import ingest
 from common.cohort.manifest import read_manifest
-from common.learning.metrics import best_threshold, bootstrap_ci
 from common.cohort.splits import split_manifest
-from common.learning.train import train_local
+from common.config import RunConfig
+from common.device import runtime
+from common.learning.metrics import best_threshold, bootstrap_ci
+from common.learning.model import make_model
+from common.learning.train import evaluate_rows, train_loader, train_local
 from simulation import phantom
 
 DEMO_COHORT = {"subjects": 120, "sites": 3, "shape": 48}

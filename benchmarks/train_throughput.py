@@ -22,13 +22,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from common.cohort.ingest import ingest
+from common.cohort.manifest import read_manifest
 from common.config import RunConfig
 from common.device import runtime
 from common.learning.model import make_model
-from common.learning.train import train_loader
-from common.cohort.ingest import ingest
-from common.cohort.manifest import read_manifest
-from common.learning.train import train_local
+from common.learning.train import train_loader, train_local
 from simulation.phantom import generate_phantom
 
 

@@ -12,13 +12,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
+from client.audit import audit_mod
+from client.site import resolve_site
 from common import keys
 from common.config import RunConfig
 from common.device import deterministic_kernels, runtime
 from common.learning.model import load_state_numpy, make_model
 from common.learning.train import train_local, train_loader, validation_metrics
-from client.audit import audit_mod
-from client.site import resolve_site
 
 # audit_mod does nothing unless FEDPD_AUDIT_LOG is set on the SuperNode (client/audit.py)
 app = ClientApp(mods=[audit_mod])

@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from common.cohort.manifest import read_manifest
 from common.config import RunConfig
 from common.errors import ConfigError, DataError
-from common.cohort.manifest import read_manifest
 
 __all__ = ["Site", "resolve_site", "NODE_CONFIG_FLAG"]
 

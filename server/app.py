@@ -16,10 +16,10 @@ from common import keys
 from common.config import RunConfig
 from common.device import runtime
 from common.errors import RunFailedError
-from common.runs.rounds import close_round
+from common.report.render import render_report
 from common.runs.finalize import finalize_run
 from common.runs.records import RoundRecord
-from common.report.render import render_report
+from common.runs.rounds import close_round
 from server.setup import ServerSetup, prepare
 from server.strategy import RecordingFedAvg
 

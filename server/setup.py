@@ -10,15 +10,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from common.cohort.manifest import read_manifest
+from common.cohort.scans import check_scans, format_problems
+from common.cohort.splits import split_audit
 from common.config import RunConfig
 from common.device import Runtime
 from common.errors import ConfigError, DataError
 from common.learning.model import make_model, model_from_checkpoint
-from common.cohort.manifest import read_manifest
 from common.runs.preflight import check_run_dir
 from common.runs.rundir import RunDir
-from common.cohort.scans import check_scans, format_problems
-from common.cohort.splits import split_audit
 
 __all__ = ["ServerSetup", "prepare", "absolute"]
 

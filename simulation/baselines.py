@@ -27,19 +27,18 @@ import pandas as pd
 import torch
 
 from common import keys
+from common.cohort.manifest import read_manifest, write_manifest
+from common.cohort.splits import split_audit
 from common.config import RunConfig, parse_overrides
 from common.device import Runtime, runtime
 from common.errors import ConfigError, DataError
-from common.runs.rounds import close_round
-from common.runs.finalize import finalize_run
 from common.learning.model import make_model
-from common.learning.train import train_loader
-from common.cohort.manifest import read_manifest, write_manifest
-from common.runs.preflight import preflight_partition
+from common.learning.train import train_loader, train_local
 from common.report.render import render_report
+from common.runs.finalize import finalize_run
+from common.runs.preflight import preflight_partition
+from common.runs.rounds import close_round
 from common.runs.rundir import RunDir
-from common.cohort.splits import split_audit
-from common.learning.train import train_local
 
 __all__ = ["MODES", "run_baseline", "holdout_partition"]
 

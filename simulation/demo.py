@@ -63,8 +63,8 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
     (initialisation, sampling, augmentation, dropout), so two demos with one seed give one result.
     """
     from common.cohort.ingest import ingest
-    from common.preprocessing.pipeline import preprocess_manifest
     from common.cohort.splits import partition_manifest, split_manifest
+    from common.preprocessing.pipeline import preprocess_manifest
     from simulation.phantom import generate_phantom
     from simulation.simulate import simulate
 

@@ -24,15 +24,13 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, valid
 
 from client.site import NODE_CONFIG_FLAG, Site, resolve_site
 from common import keys
+from common.cohort.manifest import read_manifest, write_manifest
 from common.config import RunConfig
 from common.device import runtime
 from common.errors import ConfigError
-from common.learning.model import model_args
-from common.cohort.manifest import read_manifest, write_manifest
+from common.learning.model import model_args, build_med3d, state_dict_numpy
 from common.runs.records import RoundRecord
-from common.learning.model import build_med3d
 from common.runs.rundir import RunDir
-from common.learning.model import state_dict_numpy
 from server.setup import absolute, prepare
 from server.strategy import RecordingFedAvg, nan_aware_mean
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.errors import ConfigError, DataError
 from common.cohort.manifest import read_manifest, validate_manifest
 from common.cohort.splits import partition_manifest, split_audit, split_manifest
+from common.errors import ConfigError, DataError
 from simulation.baselines import holdout_partition, run_baseline
 try:
     from data_factory import make_manifest, scan_cohort

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from common.cohort.bids import ingest_bids
-from common.errors import DataError
 from common.cohort.manifest import read_manifest
+from common.errors import DataError
 
 PARTICIPANTS = [
     # participant_id, group, site, sex, age

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-from common.learning.data import build_dataset, class_counts, class_weights, make_loader
 from common.cohort.scans import preflight_scans
 from common.errors import DataError
+from common.learning.data import build_dataset, class_counts, class_weights, make_loader
 from common.learning.transforms import deterministic_transforms, pipeline_fingerprint
 
 SHAPE = (16, 16, 16)

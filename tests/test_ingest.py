@@ -8,10 +8,10 @@ import nibabel as nib
 import pandas as pd
 import pytest
 
-from common.errors import DataError
 from common.cohort.ingest import ingest
 from common.cohort.manifest import read_manifest
 from common.cohort.scans import check_scans
+from common.errors import DataError
 
 try:
     from data_factory import write_ida_download, write_sites_csv

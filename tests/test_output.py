@@ -27,10 +27,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from client.app import _reply
 from client.site import Site
 from common import keys
+from common.cohort.manifest import write_manifest
 from common.config import RunConfig
 from common.errors import DataError
 from common.learning.model import make_model
-from common.cohort.manifest import write_manifest
 from server.strategy import RecordingFedAvg, nan_aware_mean, train_metrics_summary
 from simulation.flower import console_lines
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import main
 from common.config import RunConfig
 from common.errors import CheckpointError, DataError
-from common.learning.model import build_med3d
-from common.runs.rundir import RunDir
-from common.learning.transforms import deterministic_transforms
-from common.cli import main
 from common.inference.predict import format_result, predict_scan
+from common.learning.model import build_med3d
+from common.learning.transforms import deterministic_transforms
+from common.runs.rundir import RunDir
 
 SHAPE, SPACING = (24, 24, 24), (2.0, 2.0, 2.0)
 MODEL_ARGS = {"depth": 10, "num_classes": 2, "dropout": 0.2}

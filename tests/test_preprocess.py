@@ -19,8 +19,8 @@ import pytest
 import SimpleITK as sitk
 from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
 
-from common.errors import DataError
 from common.cohort.manifest import read_manifest
+from common.errors import DataError
 from common.preprocessing.pipeline import DEFAULT_QC_THRESHOLD, load_template, nifti_to_sitk, preprocess_manifest
 
 MM = 4  # template voxel size used throughout (fast)

@@ -19,8 +19,8 @@ from client.app import _reply
 from client.site import QC_FILE, Site
 from common import keys
 from common.cohort.manifest import write_manifest
-from common.runs.records import RoundRecord
 from common.report.render import render_report
+from common.runs.records import RoundRecord
 from server.app import _preprocessing_qc
 from server.strategy import RecordingFedAvg
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from common.cli import main
 from common.config import RunConfig
 from common.device import runtime
-from common.runs.finalize import finalize_run
 from common.learning.model import make_model
-from common.runs.records import RoundRecord
 from common.report.render import SECTION_IDS, render_report
+from common.runs.finalize import finalize_run
+from common.runs.records import RoundRecord
 from common.runs.rundir import RunDir
-from common.cli import main
 from tests.data_factory import write_nifti
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -18,9 +18,9 @@ import torch
 
 from common.config import RunConfig
 from common.errors import CheckpointError, DataError
+from common.files import atomic_write_text
 from common.runs.records import REPORT_SCHEMA, ROUNDS_SCHEMA, RoundRecord, RunReport, load_report
 from common.runs.rundir import CHECKPOINT_FORMAT, RunDir, dumps, select_round
-from common.files import atomic_write_text
 
 
 def small_state(seed: int = 0) -> dict[str, np.ndarray]:

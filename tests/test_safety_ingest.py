@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 
 import common.cohort.scans
-from common.cohort.manifest import read_manifest, write_manifest
 from common.cli import main
+from common.cohort.manifest import read_manifest, write_manifest
 from simulation.phantom import generate_phantom
 
 REPO = Path(__file__).resolve().parents[1]

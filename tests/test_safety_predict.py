@@ -22,11 +22,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from common.cli import main  # noqa: E402
+from common.inference import predict as predict_mod  # noqa: E402
+from common.inference.predict import is_fedpd_png  # noqa: E402
 from common.learning.model import build_med3d  # noqa: E402
 from common.learning.saliency import PNG_SOFTWARE  # noqa: E402
-from common.inference import predict as predict_mod  # noqa: E402
-from common.cli import main  # noqa: E402
-from common.inference.predict import is_fedpd_png  # noqa: E402
 
 try:
     from ckpt_utils import random_backbone_state, write_official

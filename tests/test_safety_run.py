@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 import common.cohort.scans as scans
-from common.cohort.manifest import read_manifest, write_manifest
 from common.cli import main
+from common.cohort.manifest import read_manifest, write_manifest
 from tests.ckpt_utils import random_backbone_state, write_official
 from tests.data_factory import scan_cohort
 
@@ -200,6 +200,6 @@ def test_a_failed_server_app_is_never_read_as_success(tmp_path):
     assert "DataError: /data/server.csv: label must be 0 or 1; fix it" in str(info.value)
     assert "no new report.json" in str(info.value) and "0.9" not in str(info.value)
     (out / "report.json").write_text(json.dumps({"test": {"auc": {"value": 0.7}}}))  # written by this run
-    assert _result(out, 0, time.time() - 5, tmp_path / "link.log")["test"]["auc"]["value"] == 0.7
+    assert _result(out, 0, time.time() - 5, tmp_path / "link.log").test["auc"]["value"] == 0.7
     with pytest.raises(SimulationError, match="exit code 1"):
         _result(out, 1, time.time() - 5, tmp_path / "link.log")

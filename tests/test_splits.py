@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import DataError
 from common.cohort.manifest import read_manifest, write_manifest
 from common.cohort.splits import format_audit, partition_manifest, split_audit, split_manifest
+from common.errors import DataError
 
 try:
     from data_factory import make_manifest

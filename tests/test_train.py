@@ -17,8 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from common.device import Runtime
-from common.learning.model import build_med3d
-from common.learning.model import load_state_numpy, state_dict_numpy
+from common.learning.model import build_med3d, load_state_numpy, state_dict_numpy
 from common.learning.train import EvalResult, TrainResult, predict, train_local
 
 torch.set_num_threads(2)

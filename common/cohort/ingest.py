@@ -49,10 +49,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from common.errors import DataError
-from common.files import same_file
 from common.cohort.manifest import validate_manifest, write_manifest
 from common.cohort.scans import check_scans
+from common.errors import DataError
+from common.files import same_file
 
 log = logging.getLogger("fedpd.ingest")
 

@@ -25,8 +25,8 @@ from typing import Iterable, Mapping
 import nibabel as nib
 import numpy as np
 
-from common.learning.data import file_fingerprint
 from common.errors import DataError
+from common.learning.data import file_fingerprint
 from common.learning.transforms import NIFTI_READ_ERRORS, CheckScand, LoadNiftid
 
 __all__ = ["SCAN_CHECK_VERSION", "ScanProblem", "scan_problem", "check_scans", "format_problems", "preflight_scans"]

@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 
+from common.cohort.manifest import SPLITS, UNSAFE_SCAN_SPLIT, read_manifest, validate_manifest, write_manifest
 from common.errors import DataError
 from common.keys import PARTITION_SCHEMES
-from common.cohort.manifest import SPLITS, UNSAFE_SCAN_SPLIT, read_manifest, validate_manifest, write_manifest
 
 log = logging.getLogger("fedpd.split")
 

@@ -24,17 +24,16 @@ from pathlib import Path
 
 import torch
 
+from common.cohort.scans import scan_problem
 from common.config import RunConfig
 from common.device import Runtime, runtime
 from common.errors import CheckpointError, ConfigError, DataError
-from common.learning.model import model_from_checkpoint
 from common.files import same_file
 from common.keys import CLASS_NAMES
-from common.learning.model import nonfinite_tensors
+from common.learning.model import model_from_checkpoint, nonfinite_tensors
+from common.learning.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
 from common.runs.records import RunReport, load_report
 from common.runs.rundir import RunDir
-from common.learning.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
-from common.cohort.scans import scan_problem
 
 __all__ = ["Predictor", "load_predictor", "predict_scan", "format_result", "check_saliency_path", "is_fedpd_png",
            "DEFAULT_THRESHOLD", "CLASS_NAMES"]

@@ -65,9 +65,9 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from common.learning.data import file_fingerprint
-from common.errors import ConfigError, DataError
 from common.cohort.manifest import read_manifest, write_manifest
+from common.errors import ConfigError, DataError
+from common.learning.data import file_fingerprint
 from common.preprocessing.registration import (DEFAULT_TEMPLATE_MM, N4_VOXEL_MM, REGISTRATION_MARGIN_MM, SEED, ScanResult, Template,
                                  head_mask, load_template, n4_correct, nifti_to_sitk, preprocess_scan, qc_metrics,
                                  register_to_template)

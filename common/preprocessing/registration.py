@@ -16,8 +16,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from common.errors import ConfigError, DataError
 from common.cohort.scans import scan_problem
+from common.errors import ConfigError, DataError
 
 __all__ = ["DEFAULT_TEMPLATE_MM", "REGISTRATION_MARGIN_MM", "N4_VOXEL_MM", "MIN_EXTENT_MM", "SEED", "Template",
            "ScanResult", "load_template", "nifti_to_sitk", "head_mask", "n4_correct", "register_to_template",

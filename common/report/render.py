@@ -31,12 +31,12 @@ import pandas as pd
 
 from common import keys
 from common.errors import DataError
-from common.keys import CLASS_NAMES
-from common.runs.records import RoundRecord, RunReport, load_report
-from common.runs.rundir import RunDir
 from common.files import atomic_write_bytes, atomic_write_text
+from common.keys import CLASS_NAMES
 from common.report.html import esc, fmt, fmt_ci, metric, note, num, page, table, value_ci
 from common.report.plots import CI_BOOT, figure, roc_band
+from common.runs.records import RoundRecord, RunReport, load_report
+from common.runs.rundir import RunDir
 
 __all__ = ["render_report", "SECTION_IDS", "REPORT_HTML", "FIGURES_DIR", "baseline_hint"]
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.cohort.manifest import read_manifest
+from common.cohort.scans import format_problems, check_scans
 from common.config import RunConfig
 from common.errors import CheckpointError, ConfigError, DataError
-from common.cohort.manifest import read_manifest
 from common.runs.rundir import RunDir
-from common.cohort.scans import format_problems, check_scans
 
 __all__ = ["Preflight", "check_run_dir", "check_subjects", "check_pretrained", "check_min_nodes", "preflight_partition",
            "SCAN_CACHE"]

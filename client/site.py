@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,45 +44,40 @@ class Site:
         points at (all of the site's scans, before the split: the test scans the server holds included),
         counting the rows whose ``site`` is this site's name. ``None`` when the scans did not come from
         ``fedpd preprocess`` or the site name is not an acquisition site (a virtual iid/dirichlet site).
-        Kept per process while neither file changes: a simulation's ClientApp actors answer many messages.
+        Kept per process while neither file changes (each cache is keyed by its file and that file's mtime):
+        a simulation's ClientApp actors answer many messages.
         """
-        try:
-            stamp = (str(self.manifest), self.name, self.manifest.stat().st_mtime_ns)
-        except OSError:
-            return None
-        if stamp not in _QC_COUNTS:
-            _QC_COUNTS.clear()  # one site per process at a time; never grows
-            _QC_COUNTS[stamp] = self._read_qc()
-        qc_file, mtime, counts = _QC_COUNTS[stamp]
-        if qc_file is not None and _mtime(qc_file) != mtime:  # re-preprocessed meanwhile
-            _QC_COUNTS[stamp] = self._read_qc()
-            counts = _QC_COUNTS[stamp][2]
-        return counts
-
-    def _read_qc(self) -> tuple[Path | None, int | None, dict[str, int] | None]:
-        """(qc.csv, its mtime, the counts) for :meth:`preprocessing_qc`."""
-        try:
-            df = read_manifest(self.manifest, require_split=False)
-            folders = {Path(str(p)).parent for p in df["path"]}
-            if len(folders) != 1:
-                return None, None, None
-            qc_file = folders.pop() / QC_FILE
-            mtime = _mtime(qc_file)
-            if mtime is None:
-                return None, None, None
-            qc = pd.read_csv(qc_file, dtype=str, keep_default_na=False)
-        except (OSError, ValueError, KeyError, DataError):
-            return None, None, None
-        if not {"site", "status"} <= set(qc.columns):
-            return qc_file, mtime, None
-        mine = qc[qc["site"] == self.name]
-        if mine.empty:
-            return qc_file, mtime, None
-        kept = int((mine["status"] == "ok").sum())
-        return qc_file, mtime, {"kept": kept, "excluded": int(len(mine) - kept)}
+        manifest_mtime = _mtime(self.manifest)
+        qc_file = _qc_file(self.manifest, manifest_mtime) if manifest_mtime is not None else None
+        qc_mtime = _mtime(qc_file) if qc_file is not None else None
+        return _qc_counts(qc_file, qc_mtime, self.name) if qc_mtime is not None else None
 
 
-_QC_COUNTS: dict[tuple, tuple] = {}
+@lru_cache(maxsize=4)
+def _qc_file(manifest: Path, _mtime_ns: int) -> Path | None:
+    """The ``qc.csv`` beside the scans a manifest points at (one folder only), or ``None``."""
+    try:
+        df = read_manifest(manifest, require_split=False)
+    except (OSError, ValueError, KeyError, DataError):
+        return None
+    folders = {Path(str(p)).parent for p in df["path"]}
+    return folders.pop() / QC_FILE if len(folders) == 1 else None
+
+
+@lru_cache(maxsize=4)
+def _qc_counts(qc_file: Path, _mtime_ns: int, site: str) -> dict[str, int] | None:
+    """``{kept, excluded}`` of ``site``'s rows in a ``qc.csv``, or ``None`` (unreadable, or no rows of it)."""
+    try:
+        qc = pd.read_csv(qc_file, dtype=str, keep_default_na=False)
+    except (OSError, ValueError):
+        return None
+    if not {"site", "status"} <= set(qc.columns):
+        return None
+    mine = qc[qc["site"] == site]
+    if mine.empty:
+        return None
+    kept = int((mine["status"] == "ok").sum())
+    return {"kept": kept, "excluded": int(len(mine) - kept)}
 
 
 def _mtime(path: Path) -> int | None:

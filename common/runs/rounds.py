@@ -19,12 +19,11 @@ from common.runs.rundir import RunDir
 __all__ = ["close_round"]
 
 
-def _train_loss(sites: dict[str, dict]) -> float | None:
-    """The round's training loss: the sites' losses weighted by their examples (one site: its own loss)."""
+def _train_loss(sites: dict[str, dict], total: int) -> float | None:
+    """The round's training loss: the sites' losses weighted by their ``total`` examples (one site: its own loss)."""
     if len(sites) == 1:
         (only,) = sites.values()
         return only[keys.TRAIN_LOSS]
-    total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
     return (sum(s[keys.TRAIN_LOSS] * s[keys.NUM_EXAMPLES] for s in sites.values()) / total) if total else None
 
 
@@ -41,7 +40,7 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
     """
     metrics = validation_metrics(model, val_rows, cfg, rt, cache_dir)
     total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
-    record = RoundRecord(round=g, val=metrics, train_loss=_train_loss(sites), num_examples=total, sites=sites,
+    record = RoundRecord(round=g, val=metrics, train_loss=_train_loss(sites, total), num_examples=total, sites=sites,
                          site_eval=site_eval or {}, missing_sites=missing_sites or [], failures=failures or [],
                          rejected=rejected or [], site_qc=site_qc or {}, wall_seconds=time.time() - started)
     run.append_round(record)

@@ -15,13 +15,13 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from common import keys
 from common.cohort.manifest import read_manifest
 from common.config import RunConfig
 from common.errors import ConfigError, DataError
+from common.preprocessing import QC_CSV
 
 __all__ = ["Site", "resolve_site", "NODE_CONFIG_FLAG"]
-
-QC_FILE = "qc.csv"  # written by `fedpd preprocess` beside the registered scans (common/preprocessing/pipeline.py)
 
 NODE_CONFIG_FLAG = "--node-config \"data-path='/path/to/site.csv' cache-dir='/path/to/cache'\""
 
@@ -61,7 +61,7 @@ def _qc_file(manifest: Path, _mtime_ns: int) -> Path | None:
     except (OSError, ValueError, KeyError, DataError):
         return None
     folders = {Path(str(p)).parent for p in df["path"]}
-    return folders.pop() / QC_FILE if len(folders) == 1 else None
+    return folders.pop() / QC_CSV if len(folders) == 1 else None
 
 
 @lru_cache(maxsize=4)
@@ -94,23 +94,23 @@ def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> Site:
         ConfigError: a node-config key is missing (naming the key and the ``--node-config`` flag), or the
             simulation partition folder does not have enough site files.
     """
-    if "data-path" in node_config or "partition-id" not in node_config:
-        for key in ("data-path", "cache-dir"):
+    if keys.NODE_DATA_PATH in node_config or keys.NODE_PARTITION_ID not in node_config:
+        for key in (keys.NODE_DATA_PATH, keys.NODE_CACHE_DIR):
             if not str(node_config.get(key, "")).strip():
                 raise ConfigError(f"node-config key {key!r} is missing; start the SuperNode with {NODE_CONFIG_FLAG}")
-        manifest = Path(str(node_config["data-path"])).expanduser()
+        manifest = Path(str(node_config[keys.NODE_DATA_PATH])).expanduser()
         if not manifest.is_file():
             raise ConfigError(f"node-config data-path {manifest} does not exist; point it at this site's manifest CSV (from fedpd partition)")
-        name = str(node_config.get("site-name") or manifest.stem)
+        name = str(node_config.get(keys.NODE_SITE_NAME) or manifest.stem)
         # a stable per-site seed offset, so sites never share sampler/augmentation draws
-        index = int(node_config.get("site-index", zlib.crc32(name.encode()) % 100_000))
+        index = int(node_config.get(keys.NODE_SITE_INDEX, zlib.crc32(name.encode()) % 100_000))
         return Site(name=name, index=index, manifest=manifest,
-                    cache_dir=Path(str(node_config["cache-dir"])).expanduser())
-    pid = int(node_config["partition-id"])
+                    cache_dir=Path(str(node_config[keys.NODE_CACHE_DIR])).expanduser())
+    pid = int(node_config[keys.NODE_PARTITION_ID])
     if not cfg.partition_dir:
         raise ConfigError("simulation node without data-path: set run-config partition-dir to a folder from fedpd partition")
     files = sorted((Path(cfg.partition_dir) / "sites").glob("*.csv"))
-    expected = node_config.get("num-partitions")
+    expected = node_config.get(keys.NODE_NUM_PARTITIONS)
     if expected is not None and int(expected) != len(files):
         raise ConfigError(f"the simulation has {expected} virtual SuperNodes but {cfg.partition_dir}/sites holds "
                           f"{len(files)} site file(s); run it with num-supernodes={len(files)}")

@@ -10,7 +10,8 @@ __all__ = [
     "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
-    "PARTITION_SCHEMES", "BASELINE_MODES",
+    "PARTITION_SCHEMES", "BASELINE_MODES", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
+    "NODE_PARTITION_ID", "NODE_NUM_PARTITIONS",
 ]
 
 # The two classes: label 0 and label 1, in this order everywhere (manifests, model outputs, reports).
@@ -32,6 +33,15 @@ SITE_NAME = "site-name"  # key inside the SITE record
 # scans its preprocessing QC kept and excluded (counts only; the reasons stay in the site's qc.csv).
 QC_KEPT = "qc-kept"
 QC_EXCLUDED = "qc-excluded"
+
+# node-config keys (flower-supernode --node-config "k='v' ..."): a deployed site gives its manifest and cache
+NODE_DATA_PATH = "data-path"  # the site's manifest CSV (from fedpd partition)
+NODE_CACHE_DIR = "cache-dir"  # the site's preprocessed-volume cache folder
+NODE_SITE_NAME = "site-name"  # optional: the site's name (default: the manifest's file stem)
+NODE_SITE_INDEX = "site-index"  # optional: the site's seed offset (default: from its name)
+# ... and what Flower's simulation gives each virtual SuperNode instead
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
 
 # ConfigRecord keys
 SERVER_ROUND = "server-round"  # injected by FedAvg into every config

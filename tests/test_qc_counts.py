@@ -16,9 +16,10 @@ import pandas as pd
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 
 from client.app import _reply
-from client.site import QC_FILE, Site
+from client.site import Site
 from common import keys
 from common.cohort.manifest import write_manifest
+from common.preprocessing import QC_CSV as QC_FILE
 from common.report.render import render_report
 from common.runs.records import RoundRecord
 from server.app import _preprocessing_qc

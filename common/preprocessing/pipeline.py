@@ -68,6 +68,7 @@ import SimpleITK as sitk
 from common.cohort.manifest import read_manifest, write_manifest
 from common.errors import ConfigError, DataError
 from common.learning.data import file_fingerprint
+from common.preprocessing import QC_CSV, QC_HTML
 from common.preprocessing.registration import (DEFAULT_TEMPLATE_MM, N4_VOXEL_MM, REGISTRATION_MARGIN_MM, SEED, ScanResult, Template,
                                  head_mask, load_template, n4_correct, nifti_to_sitk, preprocess_scan, qc_metrics,
                                  register_to_template)
@@ -352,7 +353,7 @@ def preprocess_manifest(manifest, out, *, template_mm: int = DEFAULT_TEMPLATE_MM
                                                            ("correlation", "brain_in_fov", "scale", "mattes_mi")},
                      "seconds": rec["seconds"], "cached": rec["cached"]})
     qc = pd.DataFrame(rows, columns=_QC_COLUMNS)
-    _atomic(out / "qc.csv", lambda tmp: qc.to_csv(tmp, index=False))
+    _atomic(out / QC_CSV, lambda tmp: qc.to_csv(tmp, index=False))
     kept = df[(qc["status"] == "ok").to_numpy()].copy()
     kept["path"] = [str(out / f"{iid}.nii.gz") for iid in kept["image_id"]]
     write_manifest(kept, out / "manifest.csv")
@@ -404,4 +405,4 @@ Red line: template brain mask; a good registration puts the brain just inside it
 {''.join(rows)}
 </table></body></html>
 """
-    _atomic(out / "qc.html", lambda tmp: tmp.write_text(page))
+    _atomic(out / QC_HTML, lambda tmp: tmp.write_text(page))

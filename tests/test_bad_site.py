@@ -39,11 +39,10 @@ def bad_app(folder: Path) -> Path:
     shutil.copy(Path(__file__).with_name("bad_client_app.py"), folder / "bad_client_app.py")
     shutil.copy(APP_DIR / "README.md", folder / "README.md")
     lines = (APP_DIR / "pyproject.toml").read_text().splitlines()
-    swap = {"clientapp = ": 'clientapp = "bad_client_app:app"',
-            "fab-include = ": 'fab-include = ["bad_client_app.py", "common/*.py", "client/*.py", "server/*.py", "README.md"]'}
-    for prefix, line in swap.items():
-        (i,) = [i for i, x in enumerate(lines) if x.startswith(prefix)]
-        lines[i] = line
+    (i,) = [i for i, x in enumerate(lines) if x.startswith("clientapp = ")]
+    lines[i] = 'clientapp = "bad_client_app:app"'
+    (i,) = [i for i, x in enumerate(lines) if x.startswith("fab-include = [")]  # ours, plus the bad ClientApp
+    lines[i] = lines[i].replace("fab-include = [", 'fab-include = ["/bad_client_app.py", ', 1)
     (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
     return folder
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.cli import console
 from common.errors import FedpdError
 from common.runs.records import RunReport
 
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="PD effect size of the phantom; 0 is the negative control (nothing to learn: test AUC "
                         "should be near 0.5)")
     a = p.parse_args(argv)
+    console()  # the library functions' lines (ingest, split, ...), as fedpd prints them
     try:
         run_demo(a.out, a.pretrained, a.rounds, a.subjects, a.seed, space=a.space, preprocess=not a.no_preprocess,
                  effect=a.effect)

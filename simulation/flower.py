@@ -9,6 +9,7 @@ otherwise build a fresh environment per run and pull a CUDA torch (FLOWER.md §0
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from common.runs.rundir import GIT_COMMIT_ENV, git_commit
+
+_log = logging.getLogger("fedpd.flower")
 
 __all__ = ["Proc", "free_port", "flwr_env", "start_superlink", "start_supernode", "stop", "write_connections",
            "flwr_run", "console_lines", "wait_for_port", "write_run_config", "APP_DIR"]
@@ -345,7 +348,8 @@ def _tee(proc: subprocess.Popen, fh, log: Path, timeout: float | None) -> Iterat
 def flwr_run(home: Path, connection: str, *, run_config: Path | None = None, federation_config: str | None = None,
              log: Path, timeout: float | None = None, app: Path = APP_DIR, echo: bool = False) -> int:
     """``flwr run APP CONNECTION --stream`` with our FLWR_HOME; output to ``log``, and when ``echo`` a
-    summary of it to stdout (:func:`console_lines`: repeated warnings counted, tracebacks shortened)."""
+    summary of it to the ``fedpd.flower`` logger (:func:`console_lines`: repeated warnings counted,
+    tracebacks shortened), which the command line prints."""
     args = [str(BIN / "flwr"), "run", str(app), connection, "--stream"]
     if run_config is not None:
         args += ["--run-config", str(run_config)]
@@ -357,8 +361,7 @@ def flwr_run(home: Path, connection: str, *, run_config: Path | None = None, fed
         lines = _tee(proc, fh, log, timeout)
         if echo:
             for line in console_lines(lines, log_name=str(log)):
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
+                _log.info(line)
         else:
             for _ in lines:
                 pass

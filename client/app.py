@@ -5,11 +5,14 @@ Handlers unpack the message, call ``common/`` and pack the reply; nothing per-sa
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.common import log
 
 from client.audit import audit_mod
@@ -17,23 +20,48 @@ from client.site import resolve_site
 from common import keys
 from common.config import RunConfig
 from common.device import deterministic_kernels, runtime
-from common.learning.model import load_state_numpy, make_model
+from common.learning.model import batchnorm_keys, exchanged_keys, load_state_numpy, make_model
 from common.learning.train import train_local, train_loader, validation_metrics
 
 # audit_mod does nothing unless FEDPD_AUDIT_LOG is set on the SuperNode (client/audit.py)
 app = ClientApp(mods=[audit_mod])
 
+# context.state record (kept by the SuperNode per run and site between messages) holding the site's own BatchNorm
+FEDBN_STATE = "fedbn-batchnorm"
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next):
+    """Flower's client-side DP clipping, when the server asked for it: ``fixedclipping_mod`` or
+    ``adaptiveclipping_mod`` clip this site's update (the server's DifferentialPrivacyClientSide* wrapper puts
+    the clipping norm into the train config, and adds the noise). Runs nothing extra otherwise."""
+    config = msg.content.config_records.get(keys.CONFIG)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    cfg = RunConfig.from_mapping(context.run_config, defaults={})
+    clip = adaptiveclipping_mod if cfg.dp == "client-adaptive" else fixedclipping_mod
+    return clip(msg, context, call_next)
+
 
 def _setup(msg: Message, context: Context):
-    """Shared by train and evaluate: config, site, device, model with the server's weights."""
+    """Shared by train and evaluate: config, site, device, model with the server's weights (and, for fedbn,
+    this site's own BatchNorm from earlier rounds)."""
     cfg = RunConfig.from_mapping(context.run_config, defaults={})  # Flower merged the defaults
     site = resolve_site(context.node_config, cfg)
     rt = runtime(cfg.amp)
     deterministic_kernels(rt.device)  # CPU: same seed, same weights (common/device.py)
     model = make_model(cfg)
-    load_state_numpy(model, msg.content[keys.ARRAYS].to_torch_state_dict())
+    load_state_numpy(model, msg.content[keys.ARRAYS].to_torch_state_dict(), keys=exchanged_keys(model, cfg.dp))
+    if cfg.strategy == "fedbn" and FEDBN_STATE in context.state:
+        # the global model's BatchNorm (the sites' average) is replaced by this site's own, from its last round
+        model.load_state_dict(context.state[FEDBN_STATE].to_torch_state_dict(), strict=False)
     g = int(msg.content[keys.CONFIG].get(keys.GLOBAL_ROUND, msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 1)))
     return cfg, site, rt, model, g
+
+
+def _keep_batchnorm(model, context: Context) -> None:
+    """fedbn: keep this site's BatchNorm (affine and statistics) for its next message of this run."""
+    state = model.state_dict()
+    context.state[FEDBN_STATE] = ArrayRecord(OrderedDict((k, state[k]) for k in batchnorm_keys(model)))
 
 
 def _reply(msg: Message, site, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
@@ -47,7 +75,7 @@ def _reply(msg: Message, site, metrics: dict, arrays: ArrayRecord | None = None)
     return Message(content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune on this site's ``train`` rows for ``local-epochs``; reply weights + counts + loss."""
     cfg, site, rt, model, g = _setup(msg, context)
@@ -56,7 +84,9 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)  # dropout draws, like the sampler and augmentation, follow (seed, site, round)
     loader, counts, weights = train_loader(rows, cfg, site.cache_dir, seed)
     result = train_local(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                         rt=rt, class_weights=weights, num_examples=len(rows))
+                         rt=rt, class_weights=weights, num_examples=len(rows),
+                         proximal_mu=float(msg.content[keys.CONFIG].get(keys.PROXIMAL_MU, 0.0)),
+                         freeze_statistics=cfg.dp != "none")
     metrics = {
         keys.NUM_EXAMPLES: result.num_examples,
         keys.TRAIN_LOSS: result.loss,
@@ -69,7 +99,10 @@ def train(msg: Message, context: Context) -> Message:
     log(INFO, "site %s, round %d: trained on %d scans (%d control, %d PD), loss %.4f, %.1f s", site.name, g,
         result.num_examples, metrics[keys.class_count_key(0)], metrics[keys.class_count_key(1)], result.loss,
         result.seconds)
-    return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
+    if cfg.strategy == "fedbn":
+        _keep_batchnorm(model, context)
+    state = model.state_dict()  # the exchanged keys, in the order the server sent them (the DP mods compare it)
+    return _reply(msg, site, metrics, ArrayRecord(OrderedDict((k, state[k]) for k in exchanged_keys(model, cfg.dp))))
 
 
 @app.evaluate()

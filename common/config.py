@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from common.errors import ConfigError
-from common.keys import CLASS_BALANCING, MODEL_DEPTHS
+from common.keys import CLASS_BALANCING, DP_MODES, MODEL_DEPTHS, STRATEGIES
 
 __all__ = ["RunConfig", "load_defaults", "parse_overrides", "PYPROJECT"]
 
 _CHECKOUT_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"  # a source checkout or a FAB
 _WHEEL_PYPROJECT = Path(__file__).resolve().parent / "app-pyproject.toml"  # an installed wheel
 PYPROJECT = _CHECKOUT_PYPROJECT if _CHECKOUT_PYPROJECT.is_file() else _WHEEL_PYPROJECT
-STRATEGIES = ("fedavg",)
 
 
 def _choice(options):
@@ -113,7 +112,23 @@ class RunConfig:
     spacing: tuple[float, float, float] = key(str, _triple(float, 0.1), "target voxel size in mm, D,H,W", _floats, _joined)
     class_balancing: str = key(str, _choice(CLASS_BALANCING), "local class balancing")
     amp: bool = key(bool, None, "mixed precision on CUDA")
-    strategy: str = key(str, _choice(STRATEGIES), "aggregation strategy")
+    strategy: str = key(str, _choice(STRATEGIES), "aggregation strategy (Flower's, in flwr.serverapp.strategy)")
+    proximal_mu: float = key(float, _at_least(0.0), "fedprox: weight of the proximal term mu/2 |w - w_global|^2")
+    server_lr: float = key(float, _at_least(0.0, exclusive=True), "fedadam/fedyogi: server learning rate (eta)")
+    server_beta1: float = key(float, lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)",
+                              "fedadam/fedyogi: first-moment decay")
+    server_beta2: float = key(float, lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)",
+                              "fedadam/fedyogi: second-moment decay")
+    server_tau: float = key(float, _at_least(0.0, exclusive=True), "fedadam/fedyogi: adaptivity (epsilon) tau")
+    trim_beta: float = key(float, lambda v: None if 0.0 < v < 0.5 else "must be in (0, 0.5)",
+                           "fedtrimmedavg: share of sites cut at each end, per coordinate")
+    byzantine_sites: int = key(int, _at_least(0), "krum: number of sites assumed Byzantine (f)")
+    dp: str = key(str, _choice(DP_MODES), "differential privacy (site level), on Flower's DP wrappers and mods")
+    clipping_norm: float = key(float, _at_least(0.0, exclusive=True), "dp: L2 clipping norm of a site's update "
+                               "(client-adaptive: the initial norm)")
+    noise_multiplier: float = key(float, _at_least(0.0, exclusive=True), "dp: Gaussian noise std / clipping norm")
+    dp_delta: float = key(float, lambda v: None if 0.0 < v < 1.0 else "must be in (0, 1)", "dp: the delta epsilon is reported at")
+    dp_max_epsilon: float = key(float, _at_least(0.0), "dp: stop training before a round would pass this epsilon (0 = no limit)")
     fraction_train: float = key(float, _fraction, "share of available sites sampled per round")
     min_nodes: int = key(int, _at_least(1), "sites required to start a round")
     partition_dir: str = key(str, None, "simulation: folder holding sites/*.csv")
@@ -166,7 +181,11 @@ class RunConfig:
             if problem:
                 raise ConfigError(f"run-config key {name!r} = {value!r} {problem}")
             kwargs[name.replace("-", "_")] = k.parse(value) if k.parse else value
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        problem = _combination_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
+        return cfg
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with fields changed (python names, values as in the run-config), re-validated."""
@@ -181,6 +200,22 @@ class RunConfig:
             k, value = Key.of(f), getattr(self, f.name)
             out[f.name.replace("_", "-")] = k.unparse(value) if k.unparse else value
         return out
+
+
+# strategies whose aggregation is Flower's FedAvg.aggregate_train: the only ones its DP accounting accepts
+DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
+
+
+def _combination_problem(cfg: "RunConfig") -> str | None:
+    """Why these keys cannot go together, or ``None``."""
+    if cfg.dp != "none" and cfg.strategy not in DP_STRATEGIES:
+        return (f"run-config dp = {cfg.dp!r} with strategy = {cfg.strategy!r}: differential privacy runs with a strategy "
+                f"that averages the clipped updates ({', '.join(DP_STRATEGIES)}); Flower's privacy accounting assumes "
+                "FedAvg's average, and a median, trimmed mean, Krum or server optimizer change the sensitivity")
+    if cfg.dp != "none" and cfg.fraction_train != 1.0:
+        return (f"run-config dp = {cfg.dp!r} needs fraction-train = 1.0 (got {cfg.fraction_train}): the privacy "
+                "accounting counts every site in every round (no sampling amplification)")
+    return None
 
 
 def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:

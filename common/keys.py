@@ -10,7 +10,7 @@ __all__ = [
     "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
-    "PARTITION_SCHEMES", "BASELINE_MODES", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
+    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "PROXIMAL_MU", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
     "NODE_PARTITION_ID", "NODE_NUM_PARTITIONS",
 ]
 
@@ -22,6 +22,11 @@ CLASS_BALANCING = ("sampler", "loss", "none")  # local class balancing: weighted
 MODEL_DEPTHS = (10, 18, 34, 50, 101, 152, 200)  # the Med3D / MedicalNet ResNet depths
 PARTITION_SCHEMES = ("natural", "iid", "dirichlet")  # fedpd partition: acquisition sites, random, label-skewed
 BASELINE_MODES = ("centralized", "local", "scratch")  # fedpd baseline: pooled, each site alone, random init
+# aggregation strategies (run-config `strategy`); fedbn is FedAvg with every BatchNorm tensor kept at the site
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "fedbn")
+# differential privacy (run-config `dp`): off, central noise with server-side clipping, central noise with
+# clipping at the site (fixed or adaptive norm)
+DP_MODES = ("none", "server-fixed", "client-fixed", "client-adaptive")
 
 # Record names inside a Message's RecordDict
 ARRAYS = "arrays"  # ArrayRecord: model state_dict (FedAvg default key)
@@ -46,6 +51,7 @@ NODE_NUM_PARTITIONS = "num-partitions"
 # ConfigRecord keys
 SERVER_ROUND = "server-round"  # injected by FedAvg into every config
 GLOBAL_ROUND = "global-round"  # fedpd's round number across resumed runs (server-round restarts at 1)
+PROXIMAL_MU = "proximal-mu"  # put into the train config by Flower's FedProx
 
 # MetricRecord keys of a train reply
 NUM_EXAMPLES = "num-examples"  # training samples (len(dataset)), the FedAvg weight

@@ -1,6 +1,8 @@
-"""FedAvg that screens every site reply before aggregating it and records, per round, who took part.
+"""Screening and bookkeeping around Flower's strategies: every site reply is screened before it is
+aggregated, and, per round, who took part is recorded.
 
-Aggregation itself is Flower's FedAvg (weighted by ``num-examples``). This subclass adds:
+Aggregation itself is Flower's (FedAvg weighted by ``num-examples``, or the run's strategy, see
+``server/strategies.py``). :class:`RecordingStrategy` adds:
 
 - bookkeeping: per-site scalars, which sites were asked and which answered, failures, and global round
   numbers across resumes (``round_offset``);
@@ -25,11 +27,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
 
-__all__ = ["RecordingFedAvg", "nan_aware_mean", "train_metrics_summary", "check_train_reply", "check_evaluate_reply",
+__all__ = ["RecordingStrategy", "RecordingFedAvg", "nan_aware_mean", "train_metrics_summary", "check_train_reply", "check_evaluate_reply",
            "MAX_NUM_EXAMPLES", "EVALUATE_METRIC_KEYS"]
 
 # Largest number of training samples one site may claim. A site's FedAvg weight is its num-examples, so
@@ -253,16 +255,25 @@ def train_metrics_summary(records: list[RecordDict], weighting_key: str) -> Metr
     return MetricRecord(out)
 
 
-class RecordingFedAvg(FedAvg):
-    """FedAvg plus screening and bookkeeping. ``round_offset`` turns Flower's 1..R into global rounds
-    after a resume; ``max_num_examples`` bounds a site's claimed sample count (:func:`check_train_reply`)."""
+class RecordingStrategy(Strategy):
+    """Screening and bookkeeping around any Flower strategy (``inner``: FedAvg, FedProx, FedAdam, FedMedian,
+    Krum, ... or one of Flower's DP wrappers around one of them).
 
-    def __init__(self, *, round_offset: int = 0, max_num_examples: int = MAX_NUM_EXAMPLES, **kwargs):
-        kwargs.setdefault("train_metrics_aggr_fn", train_metrics_summary)
-        kwargs.setdefault("evaluate_metrics_aggr_fn", nan_aware_mean)
-        super().__init__(**kwargs)
+    Every call reaches ``inner`` with the *global* round number (``round_offset`` + Flower's 1..R), so a
+    server optimizer's bias correction and the privacy ledger continue across a resume. Replies are sorted
+    and screened (:func:`check_train_reply`) before ``inner`` sees them, so a DP wrapper clips and noises
+    only updates that passed. ``max_num_examples`` bounds a site's claimed sample count;
+    ``extra_train_metrics`` are metric keys a mod adds to every train reply (Flower's adaptive-clipping
+    ``norm_bit``). Other attributes are read from ``inner``.
+    """
+
+    def __init__(self, inner: Strategy, *, round_offset: int = 0, max_num_examples: int = MAX_NUM_EXAMPLES,
+                 extra_train_metrics: Iterable[str] = ()):
+        super().__init__()
+        self.inner = inner
         self.round_offset = round_offset
         self.max_num_examples = max_num_examples
+        self.train_metric_keys = (*keys.TRAIN_METRIC_KEYS, *extra_train_metrics)
         self.round_started: dict[int, float] = {}
         self.sampled: dict[int, list[int]] = {}
         self.train_sites: dict[int, dict[str, dict]] = {}
@@ -274,6 +285,15 @@ class RecordingFedAvg(FedAvg):
         self.reference: dict[int, dict[str, tuple[int, ...]]] = {}  # global round -> key -> shape sent
         self._outbox: list[Message] = []  # this phase's instructions; Flower sets their message ids when pushing
 
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (during __init__ or unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def summary(self) -> None:
+        log(INFO, "\t├── fedpd screening of every reply, then %s", type(self.inner).__name__)
+        self.inner.summary()
+
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
 
@@ -282,13 +302,13 @@ class RecordingFedAvg(FedAvg):
         self.round_started[g] = time.time()
         self.reference[g] = {name: tuple(array.shape) for name, array in arrays.items()}
         config[keys.GLOBAL_ROUND] = g
-        self._outbox = list(super().configure_train(server_round, arrays, config, grid))
+        self._outbox = list(self.inner.configure_train(g, arrays, config, grid))
         self.sampled[g] = [m.metadata.dst_node_id for m in self._outbox]
         return self._outbox
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config[keys.GLOBAL_ROUND] = self.global_round(server_round)
-        self._outbox = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._outbox = list(self.inner.configure_evaluate(self.global_round(server_round), arrays, config, grid))
         return self._outbox
 
     def _node_of(self, reply: Message) -> int:
@@ -320,7 +340,8 @@ class RecordingFedAvg(FedAvg):
                 kept.append(msg)
                 continue
             if phase == "train":
-                reason = check_train_reply(msg.content, self.reference.get(g), max_num_examples=self.max_num_examples)
+                reason = check_train_reply(msg.content, self.reference.get(g), metric_keys=self.train_metric_keys,
+                                           max_num_examples=self.max_num_examples)
             else:
                 reason = check_evaluate_reply(msg.content, max_num_examples=self.max_num_examples)
             if reason is None:
@@ -358,14 +379,15 @@ class RecordingFedAvg(FedAvg):
         replies = self._screen(server_round, self._ordered(replies), "train")
         self._collect(server_round, replies, self.train_sites, "train")
         self._outbox = []
-        log(INFO, "round %d: %d site update(s) accepted", self.global_round(server_round), len(self.train_sites[self.global_round(server_round)]))
-        return super().aggregate_train(server_round, replies)
+        g = self.global_round(server_round)
+        log(INFO, "round %d: %d site update(s) accepted", g, len(self.train_sites[g]))
+        return self.inner.aggregate_train(g, replies)
 
     def aggregate_evaluate(self, server_round: int, replies):
         replies = self._screen(server_round, self._ordered(replies), "evaluate")
         self._collect(server_round, replies, self.eval_sites, "evaluate")
         self._outbox = []
-        return super().aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(self.global_round(server_round), replies)
 
     def missing_sites(self, g: int) -> list[str]:
         """Sites sampled in global round ``g`` that sent no usable training update (no reply before the
@@ -373,3 +395,10 @@ class RecordingFedAvg(FedAvg):
         answered = set(self.train_sites.get(g, {}))
         names = [self.node_sites.get(n, f"node-{n}") for n in self.sampled.get(g, [])]
         return sorted(n for n in names if n not in answered)
+
+
+def RecordingFedAvg(*, round_offset: int = 0, max_num_examples: int = MAX_NUM_EXAMPLES, **fedavg_kwargs) -> RecordingStrategy:
+    """Flower's FedAvg (with fedpd's metric summaries unless given) inside :class:`RecordingStrategy`."""
+    fedavg_kwargs.setdefault("train_metrics_aggr_fn", train_metrics_summary)
+    fedavg_kwargs.setdefault("evaluate_metrics_aggr_fn", nan_aware_mean)
+    return RecordingStrategy(FedAvg(**fedavg_kwargs), round_offset=round_offset, max_num_examples=max_num_examples)

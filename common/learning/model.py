@@ -30,7 +30,7 @@ from common.errors import CheckpointError
 from common.keys import MODEL_DEPTHS, NUM_CLASSES
 
 __all__ = ["Med3D", "MedicalNetResNet", "build_med3d", "load_medicalnet_weights", "check_checkpoint", "DEPTHS",
-           "SHORTCUTS", "state_dict_numpy", "load_state_numpy", "make_model", "model_args", "model_from_checkpoint"]
+           "SHORTCUTS", "state_dict_numpy", "load_state_numpy", "batchnorm_keys", "statistics_keys", "exchanged_keys", "make_model", "model_args", "model_from_checkpoint"]
 
 log = logging.getLogger("fedpd.model")
 
@@ -394,15 +394,49 @@ def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def load_state_numpy(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Load numpy arrays into ``model`` strictly, casting each to the dtype of the model's tensor.
+def load_state_numpy(model: nn.Module, arrays: dict[str, np.ndarray], keys: list[str] | None = None) -> None:
+    """Load numpy arrays into ``model``, casting each to the dtype of the model's tensor.
 
-    FedAvg turns the int64 ``num_batches_tracked`` buffers into floats; casting back keeps the dtype.
+    Strict: ``arrays`` must hold exactly the model's state keys, or exactly ``keys`` when given (a partial
+    exchange, :func:`exchanged_keys`; the other tensors keep their values). FedAvg turns the int64
+    ``num_batches_tracked`` buffers into floats; casting back keeps the dtype.
     """
     own = model.state_dict()
+    if keys is not None and set(arrays) != set(keys):
+        missing, extra = sorted(set(keys) - set(arrays)), sorted(set(arrays) - set(keys))
+        raise RuntimeError(f"state keys differ from the exchanged keys: missing {missing[:5]}, unexpected {extra[:5]}")
     state = {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype) if k in own else torch.as_tensor(np.asarray(v))
              for k, v in arrays.items()}
+    if keys is not None:
+        state = {k: own[k] for k in own if k not in state} | state
     model.load_state_dict(state, strict=True)
+
+
+def batchnorm_keys(model: nn.Module) -> list[str]:
+    """The state keys of every BatchNorm layer: affine weight and bias, running mean and variance, batch count
+    (what FedBN keeps at the site)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            out += [f"{name}.{k}" if name else k for k in module.state_dict()]
+    return out
+
+
+def statistics_keys(model: nn.Module) -> list[str]:
+    """The state keys that are not trained by gradient: BatchNorm running statistics and batch counts."""
+    return [name for name, _ in model.named_buffers()]
+
+
+def exchanged_keys(model: nn.Module, dp: str = "none") -> list[str]:
+    """The state keys that travel between server and sites, in state-dict order.
+
+    Everything without differential privacy. With it, only the trained parameters: a site's update must be
+    clipped and noised as a whole, and BatchNorm running statistics (data-dependent, not trained by gradient)
+    and batch counts (which grow by the number of batches) cannot be; so under DP the sites train with the
+    server's statistics frozen and never send them (:func:`common.learning.train.train_local`).
+    """
+    stats = set(statistics_keys(model)) if dp != "none" else set()
+    return [k for k in model.state_dict() if k not in stats]
 
 
 # --- from a run-config or a checkpoint to a model ---------------------------------------------------

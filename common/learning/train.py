@@ -69,6 +69,8 @@ def train_local(
     class_weights: torch.Tensor | None = None,
     num_examples: int | None = None,
     progress: bool = False,
+    proximal_mu: float = 0.0,
+    freeze_statistics: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader`` with AdamW.
 
@@ -82,6 +84,11 @@ def train_local(
         class_weights: per-class loss weights (``class-balancing=loss``), or ``None``.
         num_examples: the FedAvg weight to report; defaults to ``len(loader.dataset)``.
         progress: show a tqdm bar per epoch.
+        proximal_mu: FedProx (Li et al. 2020): adds ``mu/2 * |w - w_start|^2`` over the trained parameters to
+            every batch's loss, ``w_start`` being the weights the call started from (the global model).
+        freeze_statistics: keep BatchNorm running statistics as they came in (BatchNorm layers normalise with
+            them, in eval mode; their affine weights still train). Differential privacy uses this: the
+            statistics are not sent (:func:`common.learning.model.exchanged_keys`).
 
     Returns:
         The mean training loss per sample and the counts.
@@ -90,7 +97,12 @@ def train_local(
         FloatingPointError: the loss became NaN/Inf (the update would poison the federation).
     """
     model.to(rt.device).train()
+    if freeze_statistics:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     scaler = rt.grad_scaler()
     weight = class_weights.to(rt.device) if class_weights is not None else None
     total_loss, seen = 0.0, 0
@@ -113,6 +125,8 @@ def train_local(
             else:  # class-balancing=loss: the same normalisation as F.cross_entropy(weight=...)
                 w = weight[labels]
                 loss = (per_sample * w).sum() / w.sum().clamp_min(1e-12)
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch + 1}; lower lr or check the inputs")
             scaler.scale(loss).backward()

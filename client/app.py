@@ -64,7 +64,9 @@ def _keep_batchnorm(model, context: Context) -> None:
     context.state[FEDBN_STATE] = ArrayRecord(OrderedDict((k, state[k]) for k in batchnorm_keys(model)))
 
 
-def _reply(msg: Message, site, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+def _reply(msg: Message, site, metrics: dict, arrays: ArrayRecord | None = None, dp: str = "none") -> Message:
+    if dp != "none":
+        metrics = metrics | {keys.UNIT_WEIGHT: 1}
     identity = {keys.SITE_NAME: site.name}
     qc = site.preprocessing_qc()
     if qc is not None:  # counts only: the reasons stay in the site's qc.csv
@@ -102,7 +104,8 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.strategy == "fedbn":
         _keep_batchnorm(model, context)
     state = model.state_dict()  # the exchanged keys, in the order the server sent them (the DP mods compare it)
-    return _reply(msg, site, metrics, ArrayRecord(OrderedDict((k, state[k]) for k in exchanged_keys(model, cfg.dp))))
+    return _reply(msg, site, metrics, ArrayRecord(OrderedDict((k, state[k]) for k in exchanged_keys(model, cfg.dp))),
+                  dp=cfg.dp)
 
 
 @app.evaluate()
@@ -111,6 +114,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, site, rt, model, _ = _setup(msg, context)
     rows = site.rows("val")
     if rows.empty:
-        return _reply(msg, site, {keys.NUM_EXAMPLES: 0, **{keys.eval_key(m): float("nan") for m in keys.EVAL_METRICS}})
+        return _reply(msg, site, {keys.NUM_EXAMPLES: 0, **{keys.eval_key(m): float("nan") for m in keys.EVAL_METRICS}},
+                      dp=cfg.dp)
     m = validation_metrics(model, rows, cfg, rt, site.cache_dir)  # a one-class val split: NaN figures
-    return _reply(msg, site, {keys.NUM_EXAMPLES: int(m["n"]), **{keys.eval_key(k): float(m[k]) for k in keys.EVAL_METRICS}})
+    return _reply(msg, site, {keys.NUM_EXAMPLES: int(m["n"]), **{keys.eval_key(k): float(m[k]) for k in keys.EVAL_METRICS}},
+                  dp=cfg.dp)

@@ -10,7 +10,7 @@ __all__ = [
     "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
-    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "PROXIMAL_MU", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
+    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "PROXIMAL_MU", "UNIT_WEIGHT", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
     "NODE_PARTITION_ID", "NODE_NUM_PARTITIONS",
 ]
 
@@ -58,6 +58,9 @@ NUM_EXAMPLES = "num-examples"  # training samples (len(dataset)), the FedAvg wei
 TRAIN_LOSS = "train-loss"  # mean cross-entropy per sample over the local epochs
 TRAIN_SECONDS = "train-seconds"
 SAMPLES_PER_SECOND = "samples-per-second"
+# DP runs only, in train and evaluate replies: 1, the site's weight in the average (Flower's privacy accounting
+# needs every site weighted equally); num-examples stays the count of samples
+UNIT_WEIGHT = "unit-weight"
 
 
 CLASS_COUNT_PREFIX = "class-count-"

@@ -6,31 +6,36 @@ The handler converts Flower objects to plain calls; the loops and the report are
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from logging import ERROR, INFO
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common import keys
 from common.config import RunConfig
 from common.device import runtime
 from common.errors import RunFailedError
+from common.learning.model import exchanged_keys, load_state_numpy, statistics_keys
 from common.report.render import render_report
 from common.runs.finalize import finalize_run
 from common.runs.records import RoundRecord
 from common.runs.rounds import close_round
 from server.setup import ServerSetup, prepare
-from server.strategy import RecordingFedAvg
+from server.strategies import arm_name, build_strategy, privacy_spent, restore_strategy_state, strategy_state
+from server.strategy import RecordingStrategy
 
 app = ServerApp()
 
 
-def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays: ArrayRecord) -> MetricRecord:
+def _round_record(setup: ServerSetup, strategy: RecordingStrategy, g: int, arrays: ArrayRecord) -> MetricRecord:
     """Global round ``g``'s server side (common.runs.rounds.close_round, as for every baseline arm): validate the
     aggregate on the server's val rows, record the round with what the strategy saw of the sites, checkpoint."""
     model = setup.model
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    load_state_numpy(model, arrays.to_torch_state_dict(), keys=exchanged_keys(model, setup.cfg.dp))
+    privacy = privacy_spent(strategy)
     record = close_round(
         setup.run, model, g, cfg=setup.cfg, rt=setup.rt, val_rows=setup.val_rows, cache_dir=setup.cache_dir,
         started=strategy.round_started.get(g, time.time()), strategy=setup.cfg.strategy,
@@ -38,16 +43,16 @@ def _round_record(setup: ServerSetup, strategy: RecordingFedAvg, g: int, arrays:
         missing_sites=strategy.missing_sites(g),
         # a site that fails before it ever answered is known by node id only; name it once a later reply did
         failures=[f | {"site": strategy.node_sites.get(f.get("node"), f["site"])} for f in strategy.failed.get(g, [])],
-        rejected=strategy.rejected.get(g, []), site_qc=strategy.site_qc.get(g))
+        rejected=strategy.rejected.get(g, []), site_qc=strategy.site_qc.get(g), privacy=privacy,
+        strategy_state=strategy_state(strategy))
     metrics = record.val
     log(INFO, "round %d: val AUC %.3f, val loss %.4f, checkpoint %s", g, metrics["auc"], metrics["loss"],
         setup.run.checkpoint_path(g))
+    if privacy is not None:
+        log(INFO, "round %d: privacy spent epsilon %.3f at delta %g (%d release(s), noise multiplier %.3g, clipping "
+            "norm %.3g)", g, privacy["epsilon"], privacy["delta"], privacy["releases"], privacy["noise_multiplier"],
+            privacy["clipping_norm"])
     return MetricRecord({keys.VAL_AUC: float(metrics["auc"]), keys.VAL_LOSS: float(metrics["loss"])})
-
-
-def fedavg_arm(cfg: RunConfig) -> str:
-    """The comparison-table name of a federated run: pretrained (MedicalNet) or from random init."""
-    return "fedavg" if cfg.pretrained_path else "fedavg (random init)"
 
 
 def _site_counts(records: list[RoundRecord]) -> dict[str, dict]:
@@ -84,6 +89,13 @@ def _participation(records: list[RoundRecord]) -> dict[str, dict]:
             "failed": [{"site": f["site"], "phase": f.get("phase"), "reason": f["reason"]} for f in rec.failures],
         }
     return out
+
+
+def _privacy(records: list[RoundRecord]) -> dict:
+    """``{"privacy": ...}`` for a DP run's report: what the last round spent (every released round counts,
+    whichever round's model is selected), or ``{}``."""
+    spent = [rec.privacy for rec in records if rec.privacy]
+    return {"privacy": dict(spent[-1]) | {"rounds": len(records)}} if spent else {}
 
 
 FAILURE_FILE = "failure.json"
@@ -133,29 +145,33 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedpd server: %d round(s) to run (from round %d), device %s, out %s",
         remaining, setup.start_round + 1, setup.rt.describe(), setup.run.root)
     if remaining > 0:
-        strategy = RecordingFedAvg(
-            round_offset=setup.start_round, fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
-            min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
-        )
+        strategy = build_strategy(cfg, round_offset=setup.start_round, statistics_keys=statistics_keys(setup.model))
+        restore_strategy_state(strategy, setup.strategy_state)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord):
             if server_round == 0:
                 return None  # the initial model is not a candidate; skip a validation pass
             return _round_record(setup, strategy, strategy.global_round(server_round), arrays)
 
-        strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(setup.model.state_dict()), num_rounds=remaining,
-            timeout=cfg.round_timeout, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
-            evaluate_fn=evaluate_fn,
-        )
+        state = setup.model.state_dict()
+        try:
+            strategy.start(
+                grid=grid, initial_arrays=ArrayRecord(OrderedDict((k, state[k]) for k in exchanged_keys(setup.model, cfg.dp))),
+                num_rounds=remaining, timeout=cfg.round_timeout, train_config=ConfigRecord({}),
+                evaluate_config=ConfigRecord({}), evaluate_fn=evaluate_fn,
+            )
+        except PrivacyBudgetExhausted as exc:  # raised before a round is sent: every finished round is kept
+            log(WARNING, "fedpd: training stopped before round %d: %s (dp-max-epsilon = %g); the report covers the "
+                "rounds so far", len(setup.run.read_rounds()) + 1, exc, cfg.dp_max_epsilon)
     records = setup.run.read_rounds()
     _require_training(setup, records)
     report = finalize_run(setup.run, cfg, setup.rt, setup.val_rows, setup.test_rows, setup.cache_dir,
                           extra={"data": setup.data_info | {"site_train_counts": _site_counts(records)}
                                  | _preprocessing_qc(records),
                                  "participation": _participation(records),
-                                 **({"holdout_site": setup.data_info["holdout_site"]} if "holdout_site" in setup.data_info else {})},
-                          arm=fedavg_arm(cfg), render=render_report)
+                                 **({"holdout_site": setup.data_info["holdout_site"]} if "holdout_site" in setup.data_info else {}),
+                                 **_privacy(records)},
+                          arm=arm_name(cfg), render=render_report)
     auc = report.test["auc"]
     ci = auc.get("ci95") or (float("nan"), float("nan"))
     log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %.3f-%.3f)", setup.run.report_file, auc["value"], *ci)

@@ -46,6 +46,7 @@ class ServerSetup:
     start_round: int
     model: torch.nn.Module  # initial weights; reused (weights replaced) for every round's validation
     data_info: dict = field(default_factory=dict)
+    strategy_state: dict = field(default_factory=dict)  # resume: the strategy's state saved with the checkpoint
 
 
 def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
@@ -69,11 +70,21 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
         raise DataError(f"{manifest_path}: " + format_problems(scan_problems, total=len(rows)))
     saved = run.saved_rounds()
     start_round = 0
+    strategy_state: dict = {}
     if cfg.resume and saved:
         start_round = saved[-1]
         ckpt = RunDir.load_checkpoint(run.checkpoint_path(start_round))
         if ckpt.get("model", {}).get("depth") != cfg.model_depth:
             raise ConfigError(f"{run.checkpoint_path(start_round)} holds model-depth {ckpt['model'].get('depth')}, run-config says {cfg.model_depth}; resume with the same model-depth")
+        saved_strategy = ckpt.get("strategy") or {}
+        for key, now in (("name", cfg.strategy), ("dp", cfg.dp)):
+            then = saved_strategy.get(key, {"name": "fedavg", "dp": "none"}[key])  # older checkpoints: FedAvg, no DP
+            if then != now:
+                what = "strategy" if key == "name" else "dp"
+                raise ConfigError(f"{run.checkpoint_path(start_round)} was trained with {what} = {then!r}, run-config says "
+                                  f"{now!r}; resume with the same {what} (its optimizer state and privacy ledger belong "
+                                  "to it), or start a new out-dir")
+        strategy_state = dict(saved_strategy.get("state") or {})
         model = model_from_checkpoint(ckpt, run.checkpoint_path(start_round))
         run.truncate_rounds(start_round)
         log.info("resuming %s after round %d", out, start_round)
@@ -96,4 +107,4 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
                 data_info["holdout_site"] = data_info["partition"]["holdout_site"]
     return ServerSetup(cfg=cfg, rt=rt, run=run, val_rows=val_rows, test_rows=test_rows,
                        cache_dir=out / "cache" / "server", start_round=start_round,
-                       model=model, data_info=data_info)
+                       model=model, data_info=data_info, strategy_state=strategy_state)

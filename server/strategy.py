@@ -263,17 +263,18 @@ class RecordingStrategy(Strategy):
     server optimizer's bias correction and the privacy ledger continue across a resume. Replies are sorted
     and screened (:func:`check_train_reply`) before ``inner`` sees them, so a DP wrapper clips and noises
     only updates that passed. ``max_num_examples`` bounds a site's claimed sample count;
-    ``extra_train_metrics`` are metric keys a mod adds to every train reply (Flower's adaptive-clipping
-    ``norm_bit``). Other attributes are read from ``inner``.
+    ``extra_train_metrics``/``extra_evaluate_metrics`` are metric keys that every reply of a DP run carries
+    (``unit-weight``; Flower's adaptive-clipping mod adds ``norm_bit``). Other attributes are read from ``inner``.
     """
 
     def __init__(self, inner: Strategy, *, round_offset: int = 0, max_num_examples: int = MAX_NUM_EXAMPLES,
-                 extra_train_metrics: Iterable[str] = ()):
+                 extra_train_metrics: Iterable[str] = (), extra_evaluate_metrics: Iterable[str] = ()):
         super().__init__()
         self.inner = inner
         self.round_offset = round_offset
         self.max_num_examples = max_num_examples
         self.train_metric_keys = (*keys.TRAIN_METRIC_KEYS, *extra_train_metrics)
+        self.evaluate_metric_keys = (*EVALUATE_METRIC_KEYS, *extra_evaluate_metrics)
         self.round_started: dict[int, float] = {}
         self.sampled: dict[int, list[int]] = {}
         self.train_sites: dict[int, dict[str, dict]] = {}
@@ -343,7 +344,8 @@ class RecordingStrategy(Strategy):
                 reason = check_train_reply(msg.content, self.reference.get(g), metric_keys=self.train_metric_keys,
                                            max_num_examples=self.max_num_examples)
             else:
-                reason = check_evaluate_reply(msg.content, max_num_examples=self.max_num_examples)
+                reason = check_evaluate_reply(msg.content, metric_keys=self.evaluate_metric_keys,
+                                              max_num_examples=self.max_num_examples)
             if reason is None:
                 kept.append(msg)
                 continue

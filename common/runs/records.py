@@ -48,16 +48,21 @@ class RoundRecord:
     rejected: list[dict[str, Any]] = field(default_factory=list)  # {site, round, phase, reason}: update screening
     site_qc: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> {kept, excluded} preprocessing QC
     wall_seconds: float | None = None
+    # DP runs: the privacy spent so far {epsilon, delta, releases, noise_multiplier, clipping_norm}
+    privacy: dict[str, Any] | None = None
     schema: int = ROUNDS_SCHEMA
 
     def __post_init__(self) -> None:
         self.val = dict(self.val) | {k: None for k in VAL_METRICS if k not in self.val}
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON line's object, keys in declaration order (``site_qc`` only when a site reported QC)."""
+        """The JSON line's object, keys in declaration order (``site_qc`` only when a site reported QC,
+        ``privacy`` only in DP runs)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         if not self.site_qc:
             del out["site_qc"]
+        if self.privacy is None:
+            del out["privacy"]
         return out
 
     @classmethod
@@ -112,14 +117,15 @@ class RunReport:
     git_commit: str = "unknown"
     participation: dict[str, Any] | None = None  # federated runs: who trained which round
     holdout_site: str | None = None  # leave-one-site-out runs
+    privacy: dict[str, Any] | None = None  # DP runs: the privacy spent by the selected round's model, and in all
     schema: int = REPORT_SCHEMA
 
     _DICTS = ("data", "val", "test", "test_per_site", "test_counts", "config")
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object, keys in declaration order; ``participation``/``holdout_site`` only when set."""
+        """The JSON object, keys in declaration order; ``participation``/``holdout_site``/``privacy`` only when set."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for optional in ("participation", "holdout_site"):
+        for optional in ("participation", "holdout_site", "privacy"):
             if out[optional] is None:
                 del out[optional]
         return out

@@ -30,20 +30,25 @@ def _train_loss(sites: dict[str, dict], total: int) -> float | None:
 def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFrame,
                 cache_dir: Path, started: float, strategy: str, sites: dict[str, dict],
                 site_eval: dict | None = None, missing_sites: list | None = None, failures: list | None = None,
-                rejected: list | None = None, site_qc: dict | None = None) -> RoundRecord:
+                rejected: list | None = None, site_qc: dict | None = None, privacy: dict | None = None,
+                strategy_state: dict | None = None) -> RoundRecord:
     """The server side of a round, the same for the ServerApp and every baseline arm: validate the round's
     model on the server's val rows, build the round record, append it to ``rounds.jsonl``, then checkpoint.
 
     ``sites`` maps each aggregated site (or the arm) to its train-reply metrics. The record goes first: a
     crash before the checkpoint lands makes resume repeat round ``g`` (its record is truncated away), and
-    never leaves a checkpoint without its record. Returns the record.
+    never leaves a checkpoint without its record. ``privacy`` (DP runs) goes into the record;
+    ``strategy_state`` (a server optimizer's moments, the privacy ledger: tensors and plain values) into the
+    checkpoint, for resume. Returns the record.
     """
     metrics = validation_metrics(model, val_rows, cfg, rt, cache_dir)
     total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
     record = RoundRecord(round=g, val=metrics, train_loss=_train_loss(sites, total), num_examples=total, sites=sites,
                          site_eval=site_eval or {}, missing_sites=missing_sites or [], failures=failures or [],
-                         rejected=rejected or [], site_qc=site_qc or {}, wall_seconds=time.time() - started)
+                         rejected=rejected or [], site_qc=site_qc or {}, wall_seconds=time.time() - started,
+                         privacy=privacy)
     run.append_round(record)
     run.save_checkpoint(g, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, config=cfg.to_dict(),
-                        metrics=record.to_dict(), model=model_args(cfg), strategy={"name": strategy, "round": g})
+                        metrics=record.to_dict(), model=model_args(cfg),
+                        strategy={"name": strategy, "dp": cfg.dp, "round": g, "state": dict(strategy_state or {})})
     return record

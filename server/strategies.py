@@ -1,0 +1,211 @@
+"""The run's aggregation, built from run-config on Flower's own strategies and DP wrappers.
+
+``strategy`` picks the Flower strategy (``flwr.serverapp.strategy``); ``dp`` wraps it in Flower's
+differential-privacy wrapper; :class:`server.strategy.RecordingStrategy` goes around both, so every arm
+has the same screening, bookkeeping, checkpoints and report. What fedpd adds to Flower here:
+
+- ``fedadam``/``fedyogi``: the server optimizer steps the trained parameters only; BatchNorm running
+  statistics and batch counts are averaged as FedAvg does (an Adam step on a running variance can drive it
+  below zero). Their moments (``m_t``, ``v_t``) are saved with every checkpoint and restored on resume.
+- ``fedbn``: FedAvg on the server; each site keeps its own BatchNorm (client/app.py). The server's
+  validation, test and exported model use the FedAvg average of the sites' BatchNorm, the only BatchNorm
+  the server holds.
+- ``dp``: every site weighs 1 in the average (Flower's accounting needs equal weights; the sites send
+  ``unit-weight``), and the privacy spent (epsilon at ``dp-delta``) is composed with Flower's
+  ``RdpAccountant`` after every round: by Flower's fixed-clipping wrappers themselves, and for adaptive
+  clipping (which Flower does not account) here, with the same accountant and the run's noise multiplier,
+  which is the effective multiplier of the model and clipped-count noise together (Andrew et al. 2021).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.common import log
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
+                                     DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian,
+                                     FedProx, FedTrimmedAvg, FedYogi, Krum)
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
+from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
+                                               SamplingMethod)
+from logging import INFO
+
+from common import keys
+from common.config import RunConfig
+from server.strategy import RecordingStrategy, nan_aware_mean, train_metrics_summary
+
+__all__ = ["build_strategy", "strategy_state", "restore_strategy_state", "privacy_spent", "arm_name"]
+
+
+class _StatisticsAveraged:
+    """Mixin for Flower's FedOpt strategies: the named statistics keys are FedAvg's average, not an optimizer step."""
+
+    statistics_keys: frozenset[str] = frozenset()
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        stepped, metrics = super().aggregate_train(server_round, replies)
+        if stepped is None or not self.statistics_keys:
+            return stepped, metrics
+        averaged, _ = FedAvg.aggregate_train(self, server_round, replies)
+        return ArrayRecord({k: (averaged[k] if k in self.statistics_keys else v) for k, v in stepped.items()}), metrics
+
+
+class FedpdFedAdam(_StatisticsAveraged, FedAdam):
+    pass
+
+
+class FedpdFedYogi(_StatisticsAveraged, FedYogi):
+    pass
+
+
+def arm_name(cfg: RunConfig) -> str:
+    """The comparison-table name of a federated run: strategy, privacy, and random init when not pretrained."""
+    name = cfg.strategy + (f"+dp:{cfg.dp}" if cfg.dp != "none" else "")
+    return name if cfg.pretrained_path else f"{name} (random init)"
+
+
+def _accounting(cfg: RunConfig, sites: int):
+    from flwr.serverapp import RdpAccountant  # needs dp-accounting (the flwr[dp] extra)
+
+    return RdpAccountant(PrivacyConfig(
+        target_delta=cfg.dp_delta, population_size=sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=cfg.dp_max_epsilon or None))
+
+
+class _AccountedAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping, with the release of every aggregated round composed into an
+    RdpAccountant (Flower's adaptive wrappers take none)."""
+
+    def __init__(self, *args, accountant, effective_noise_multiplier: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accountant = accountant
+        self.effective_noise_multiplier = effective_noise_multiplier
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=self.effective_noise_multiplier,
+                                                         sample_size=self.num_sampled_clients,
+                                                         population_size=self.accountant.config.population_size))
+        return arrays, metrics
+
+    def privacy_spent(self):
+        return self.accountant.get_privacy_spent()
+
+
+def _inner(cfg: RunConfig, statistics_keys: Iterable[str]) -> FedAvg:
+    weight = keys.UNIT_WEIGHT if cfg.dp != "none" else keys.NUM_EXAMPLES
+    common = dict(
+        fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=cfg.min_nodes,
+        min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes, weighted_by_key=weight,
+        # the round's loss and the federation's val figures stay sample-weighted whatever weights the average
+        train_metrics_aggr_fn=lambda records, _key: train_metrics_summary(records, keys.NUM_EXAMPLES),
+        evaluate_metrics_aggr_fn=lambda records, _key: nan_aware_mean(records, keys.NUM_EXAMPLES),
+    )
+    if cfg.strategy in ("fedavg", "fedbn"):
+        return FedAvg(**common)
+    if cfg.strategy == "fedprox":
+        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy in ("fedadam", "fedyogi"):
+        cls = FedpdFedAdam if cfg.strategy == "fedadam" else FedpdFedYogi
+        strategy = cls(eta=cfg.server_lr, eta_l=cfg.lr, beta_1=cfg.server_beta1, beta_2=cfg.server_beta2,
+                       tau=cfg.server_tau, **common)
+        strategy.statistics_keys = frozenset(statistics_keys)
+        return strategy
+    if cfg.strategy == "fedmedian":
+        return FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=cfg.trim_beta, **common)
+    if cfg.strategy == "krum":
+        return Krum(num_malicious_nodes=cfg.byzantine_sites, **common)
+    raise ValueError(f"unknown strategy {cfg.strategy!r}")  # RunConfig has checked it
+
+
+def build_strategy(cfg: RunConfig, *, round_offset: int, statistics_keys: Iterable[str]) -> RecordingStrategy:
+    """The run's strategy: Flower's ``cfg.strategy``, in Flower's DP wrapper for ``cfg.dp``, screened.
+
+    ``statistics_keys`` are the model's BatchNorm buffers (averaged, never stepped, by fedadam/fedyogi). With
+    DP, every round needs all ``min-nodes`` sites (RunConfig requires fraction-train 1): the noise is
+    calibrated for that many, and a round in which fewer sites send a usable update is not released
+    (Flower's wrappers skip it).
+    """
+    inner = _inner(cfg, statistics_keys)
+    extra = ()
+    sites = cfg.min_nodes
+    if cfg.dp in ("server-fixed", "client-fixed"):
+        wrapper = (DifferentialPrivacyServerSideFixedClipping if cfg.dp == "server-fixed"
+                   else DifferentialPrivacyClientSideFixedClipping)
+        inner = wrapper(inner, noise_multiplier=cfg.noise_multiplier, clipping_norm=cfg.clipping_norm,
+                        num_sampled_clients=sites, accountant=_accounting(cfg, sites))
+        extra = (keys.UNIT_WEIGHT,)
+    elif cfg.dp == "client-adaptive":
+        # the clipped-count noise: std = noise-multiplier (Flower's default, sites/20, cannot reach a multiplier
+        # of 1 below 40 sites); the model noise is then noise-multiplier * (1 - 1/4)^-1/2, and both together
+        # spend what one Gaussian release with noise-multiplier does
+        inner = _AccountedAdaptive(inner, noise_multiplier=cfg.noise_multiplier, num_sampled_clients=sites,
+                                   initial_clipping_norm=cfg.clipping_norm, clipped_count_stddev=cfg.noise_multiplier,
+                                   accountant=_accounting(cfg, sites), effective_noise_multiplier=cfg.noise_multiplier)
+        extra = (keys.UNIT_WEIGHT, KEY_NORM_BIT)
+    return RecordingStrategy(inner, round_offset=round_offset, extra_train_metrics=extra,
+                             extra_evaluate_metrics=extra[:1])
+
+
+def _dp_wrapper(strategy: RecordingStrategy):
+    inner = strategy.inner
+    return inner if hasattr(inner, "accountant") else None
+
+
+def privacy_spent(strategy: RecordingStrategy) -> dict | None:
+    """``{"epsilon", "delta", "releases", "noise_multiplier", "clipping_norm"}`` so far, or ``None`` without DP."""
+    dp = _dp_wrapper(strategy)
+    if dp is None or dp.accountant is None:
+        return None
+    spent = dp.accountant.get_privacy_spent()
+    return {"epsilon": float(spent.epsilon), "delta": float(spent.delta), "releases": int(spent.num_releases),
+            # adaptive clipping: the multiplier of model and clipped-count noise together (the run-config's)
+            "noise_multiplier": float(getattr(dp, "effective_noise_multiplier", dp.noise_multiplier)),
+            "clipping_norm": float(dp.clipping_norm)}
+
+
+def strategy_state(strategy: RecordingStrategy) -> dict:
+    """What a resume needs of the strategy: a server optimizer's moments, the privacy ledger, an adaptive
+    clipping norm (tensors and plain values only: checkpoints load with ``weights_only``)."""
+    import torch
+
+    state: dict = {}
+    dp = _dp_wrapper(strategy)
+    core = dp.strategy if dp is not None else strategy.inner
+    for name in ("m_t", "v_t"):
+        moments = getattr(core, name, None)
+        if moments:
+            state[name] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments.items()}
+    if dp is not None:
+        if dp.accountant is not None:
+            state["accountant"] = dp.accountant.state_dict()
+        state["clipping_norm"] = float(dp.clipping_norm)
+    return state
+
+
+def restore_strategy_state(strategy: RecordingStrategy, state: dict) -> list[str]:
+    """Put a checkpoint's :func:`strategy_state` back; returns what was restored (for the log)."""
+    restored = []
+    dp = _dp_wrapper(strategy)
+    core = dp.strategy if dp is not None else strategy.inner
+    for name in ("m_t", "v_t"):
+        if name in state and hasattr(core, name):
+            setattr(core, name, {k: v.numpy().copy() for k, v in state[name].items()})
+            restored.append(name)
+    if dp is not None and "accountant" in state and dp.accountant is not None:
+        dp.accountant.load_state_dict(state["accountant"])
+        restored.append(f"privacy ledger ({dp.accountant.num_releases} releases)")
+    if dp is not None and "clipping_norm" in state:
+        dp.clipping_norm = float(state["clipping_norm"])
+        restored.append("clipping norm")
+    if restored:
+        log(INFO, "resume: restored the strategy's %s", ", ".join(restored))
+    return restored
+

@@ -8,10 +8,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from logging import INFO
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_RECORD
+from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.common import log
 
@@ -26,8 +31,17 @@ from common.learning.train import train_local, train_loader, validation_metrics
 # audit_mod does nothing unless FEDPD_AUDIT_LOG is set on the SuperNode (client/audit.py)
 app = ClientApp(mods=[audit_mod])
 
+LEGACY_FIT_ARRAYS = "fitins.parameters"  # the weights record of Flower's legacy FitIns (SecAgg+ rounds)
 # context.state record (kept by the SuperNode per run and site between messages) holding the site's own BatchNorm
 FEDBN_STATE = "fedbn-batchnorm"
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next):
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round (they carry its stage record); any other
+    message goes straight on."""
+    if SECAGG_RECORD in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next):
@@ -42,6 +56,20 @@ def dp_clipping_mod(msg: Message, context: Context, call_next):
     return clip(msg, context, call_next)
 
 
+def _incoming(msg: Message, model) -> tuple[dict, dict, bool]:
+    """The server's weights (key -> array, in the order sent) and config of a message, and whether it is a
+    SecAgg+ training message (Flower's legacy FitIns records: weights as an ordered list, no keys)."""
+    if LEGACY_FIT_ARRAYS in msg.content.array_records:
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        values = parameters_to_ndarrays(fitins.parameters)
+        names = exchanged_keys(model, statistics=False)
+        if len(values) != len(names):
+            raise ValueError(f"secure aggregation: the server sent {len(values)} arrays, this site's model exchanges "
+                             f"{len(names)}; run the same fedpd version and model-depth on server and sites")
+        return dict(zip(names, values)), dict(fitins.config), True
+    return msg.content[keys.ARRAYS].to_torch_state_dict(), dict(msg.content[keys.CONFIG]), False
+
+
 def _setup(msg: Message, context: Context):
     """Shared by train and evaluate: config, site, device, model with the server's weights (and, for fedbn,
     this site's own BatchNorm from earlier rounds)."""
@@ -50,12 +78,13 @@ def _setup(msg: Message, context: Context):
     rt = runtime(cfg.amp)
     deterministic_kernels(rt.device)  # CPU: same seed, same weights (common/device.py)
     model = make_model(cfg)
-    load_state_numpy(model, msg.content[keys.ARRAYS].to_torch_state_dict(), keys=exchanged_keys(model, cfg.dp))
+    arrays, config, legacy = _incoming(msg, model)
+    load_state_numpy(model, arrays, keys=exchanged_keys(model, cfg.statistics_shared))
     if cfg.strategy == "fedbn" and FEDBN_STATE in context.state:
         # the global model's BatchNorm (the sites' average) is replaced by this site's own, from its last round
         model.load_state_dict(context.state[FEDBN_STATE].to_torch_state_dict(), strict=False)
-    g = int(msg.content[keys.CONFIG].get(keys.GLOBAL_ROUND, msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 1)))
-    return cfg, site, rt, model, g
+    g = int(config.get(keys.GLOBAL_ROUND, config.get(keys.SERVER_ROUND, 1)))
+    return cfg, site, rt, model, g, config, legacy
 
 
 def _keep_batchnorm(model, context: Context) -> None:
@@ -64,31 +93,50 @@ def _keep_batchnorm(model, context: Context) -> None:
     context.state[FEDBN_STATE] = ArrayRecord(OrderedDict((k, state[k]) for k in batchnorm_keys(model)))
 
 
-def _reply(msg: Message, site, metrics: dict, arrays: ArrayRecord | None = None, dp: str = "none") -> Message:
-    if dp != "none":
-        metrics = metrics | {keys.UNIT_WEIGHT: 1}
+def _identity(site) -> dict:
     identity = {keys.SITE_NAME: site.name}
     qc = site.preprocessing_qc()
     if qc is not None:  # counts only: the reasons stay in the site's qc.csv
         identity |= {keys.QC_KEPT: qc["kept"], keys.QC_EXCLUDED: qc["excluded"]}
-    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord(identity)})
+    return identity
+
+
+def _reply(msg: Message, site, metrics: dict, arrays: ArrayRecord | None = None, dp: str = "none") -> Message:
+    if dp != "none":
+        metrics = metrics | {keys.UNIT_WEIGHT: 1}
+    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord(_identity(site))})
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     return Message(content, reply_to=msg)
 
 
-@app.train(mods=[dp_clipping_mod])
+def _secure_reply(msg: Message, site, metrics: dict, arrays: list) -> Message:
+    """A SecAgg+ training reply (Flower's legacy FitRes): ``secaggplus_mod`` masks the weights, the metrics
+    and the site's identity travel in the clear. Values outside the protocol's clipping range would be cut
+    silently by the quantization; they are refused here instead."""
+    for name, value in arrays:
+        peak = float(np.abs(value).max()) if value.size else 0.0
+        if not peak <= keys.SECAGG_CLIPPING_RANGE:
+            raise ValueError(f"secure aggregation: {name} holds a value of magnitude {peak:.3g}, outside the SecAgg+ "
+                             f"quantization range +-{keys.SECAGG_CLIPPING_RANGE}; lower lr, or run without "
+                             "secure-aggregation")
+    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters([v for _, v in arrays]),
+                    num_examples=int(metrics[keys.NUM_EXAMPLES]), metrics=metrics | _identity(site))
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+@app.train(mods=[secure_aggregation_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune on this site's ``train`` rows for ``local-epochs``; reply weights + counts + loss."""
-    cfg, site, rt, model, g = _setup(msg, context)
+    cfg, site, rt, model, g, config, legacy = _setup(msg, context)
     rows = site.rows("train")
     seed = cfg.seed + 1000 * site.index + g  # new augmentation/sampler draws every round, reproducible
     torch.manual_seed(seed)  # dropout draws, like the sampler and augmentation, follow (seed, site, round)
     loader, counts, weights = train_loader(rows, cfg, site.cache_dir, seed)
     result = train_local(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          rt=rt, class_weights=weights, num_examples=len(rows),
-                         proximal_mu=float(msg.content[keys.CONFIG].get(keys.PROXIMAL_MU, 0.0)),
-                         freeze_statistics=cfg.dp != "none")
+                         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+                         freeze_statistics=not cfg.statistics_shared)
     metrics = {
         keys.NUM_EXAMPLES: result.num_examples,
         keys.TRAIN_LOSS: result.loss,
@@ -104,14 +152,16 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.strategy == "fedbn":
         _keep_batchnorm(model, context)
     state = model.state_dict()  # the exchanged keys, in the order the server sent them (the DP mods compare it)
-    return _reply(msg, site, metrics, ArrayRecord(OrderedDict((k, state[k]) for k in exchanged_keys(model, cfg.dp))),
-                  dp=cfg.dp)
+    sent = exchanged_keys(model, cfg.statistics_shared)
+    if legacy:
+        return _secure_reply(msg, site, metrics, [(k, state[k].detach().cpu().numpy()) for k in sent])
+    return _reply(msg, site, metrics, ArrayRecord(OrderedDict((k, state[k]) for k in sent)), dp=cfg.dp)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Aggregate metrics of the global model on this site's ``val`` rows (no per-sample output)."""
-    cfg, site, rt, model, _ = _setup(msg, context)
+    cfg, site, rt, model, *_ = _setup(msg, context)
     rows = site.rows("val")
     if rows.empty:
         return _reply(msg, site, {keys.NUM_EXAMPLES: 0, **{keys.eval_key(m): float("nan") for m in keys.EVAL_METRICS}},

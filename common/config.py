@@ -123,6 +123,8 @@ class RunConfig:
     trim_beta: float = key(float, lambda v: None if 0.0 < v < 0.5 else "must be in (0, 0.5)",
                            "fedtrimmedavg: share of sites cut at each end, per coordinate")
     byzantine_sites: int = key(int, _at_least(0), "krum: number of sites assumed Byzantine (f)")
+    secure_aggregation: bool = key(bool, None, "SecAgg+ (Flower's legacy workflow): the server sees only the sum "
+                                   "of the sites' updates")
     dp: str = key(str, _choice(DP_MODES), "differential privacy (site level), on Flower's DP wrappers and mods")
     clipping_norm: float = key(float, _at_least(0.0, exclusive=True), "dp: L2 clipping norm of a site's update "
                                "(client-adaptive: the initial norm)")
@@ -187,6 +189,12 @@ class RunConfig:
             raise ConfigError(problem)
         return cfg
 
+    @property
+    def statistics_shared(self) -> bool:
+        """Whether BatchNorm running statistics travel (and are trained) at all: not under DP or secure
+        aggregation (:func:`common.learning.model.exchanged_keys`)."""
+        return self.dp == "none" and not self.secure_aggregation
+
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with fields changed (python names, values as in the run-config), re-validated."""
         mapping = self.to_dict()
@@ -212,6 +220,16 @@ def _combination_problem(cfg: "RunConfig") -> str | None:
         return (f"run-config dp = {cfg.dp!r} with strategy = {cfg.strategy!r}: differential privacy runs with a strategy "
                 f"that averages the clipped updates ({', '.join(DP_STRATEGIES)}); Flower's privacy accounting assumes "
                 "FedAvg's average, and a median, trimmed mean, Krum or server optimizer change the sensitivity")
+    if cfg.secure_aggregation and cfg.strategy not in DP_STRATEGIES:
+        return (f"run-config secure-aggregation = true with strategy = {cfg.strategy!r}: the server sees only the sum "
+                f"of the updates, so only an average can be formed ({', '.join(DP_STRATEGIES)}); a median, trimmed "
+                "mean or Krum needs every site's update, a server optimizer is not wired to the secure round")
+    if cfg.secure_aggregation and cfg.dp != "none":
+        return ("run-config secure-aggregation = true with dp = " + repr(cfg.dp) + ": not supported together yet; "
+                "choose one (dp = 'none', or secure-aggregation = false)")
+    if cfg.secure_aggregation and cfg.min_nodes < 3:
+        return (f"run-config secure-aggregation = true needs min-nodes >= 3 (got {cfg.min_nodes}): with two sites each "
+                "could subtract its own update from the sum and read the other's")
     if cfg.dp != "none" and cfg.fraction_train != 1.0:
         return (f"run-config dp = {cfg.dp!r} needs fraction-train = 1.0 (got {cfg.fraction_train}): the privacy "
                 "accounting counts every site in every round (no sampling amplification)")

@@ -10,7 +10,7 @@ __all__ = [
     "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
-    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "PROXIMAL_MU", "UNIT_WEIGHT", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
+    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
     "NODE_PARTITION_ID", "NODE_NUM_PARTITIONS",
 ]
 
@@ -52,6 +52,9 @@ NODE_NUM_PARTITIONS = "num-partitions"
 SERVER_ROUND = "server-round"  # injected by FedAvg into every config
 GLOBAL_ROUND = "global-round"  # fedpd's round number across resumed runs (server-round restarts at 1)
 PROXIMAL_MU = "proximal-mu"  # put into the train config by Flower's FedProx
+# SecAgg+ quantizes every exchanged value within +-this range (Flower's default clipping_range): sites refuse to
+# send a value outside it rather than have it cut silently
+SECAGG_CLIPPING_RANGE = 8.0
 
 # MetricRecord keys of a train reply
 NUM_EXAMPLES = "num-examples"  # training samples (len(dataset)), the FedAvg weight

@@ -23,6 +23,7 @@ from common.report.render import render_report
 from common.runs.finalize import finalize_run
 from common.runs.records import RoundRecord
 from common.runs.rounds import close_round
+from server.secure import run_secure_rounds
 from server.setup import ServerSetup, prepare
 from server.strategies import arm_name, build_strategy, privacy_spent, restore_strategy_state, strategy_state
 from server.strategy import RecordingStrategy
@@ -34,7 +35,7 @@ def _round_record(setup: ServerSetup, strategy: RecordingStrategy, g: int, array
     """Global round ``g``'s server side (common.runs.rounds.close_round, as for every baseline arm): validate the
     aggregate on the server's val rows, record the round with what the strategy saw of the sites, checkpoint."""
     model = setup.model
-    load_state_numpy(model, arrays.to_torch_state_dict(), keys=exchanged_keys(model, setup.cfg.dp))
+    load_state_numpy(model, arrays.to_torch_state_dict(), keys=exchanged_keys(model, setup.cfg.statistics_shared))
     privacy = privacy_spent(strategy)
     record = close_round(
         setup.run, model, g, cfg=setup.cfg, rt=setup.rt, val_rows=setup.val_rows, cache_dir=setup.cache_dir,
@@ -154,12 +155,13 @@ def main(grid: Grid, context: Context) -> None:
             return _round_record(setup, strategy, strategy.global_round(server_round), arrays)
 
         state = setup.model.state_dict()
+        initial = ArrayRecord(OrderedDict((k, state[k]) for k in exchanged_keys(setup.model, cfg.statistics_shared)))
         try:
-            strategy.start(
-                grid=grid, initial_arrays=ArrayRecord(OrderedDict((k, state[k]) for k in exchanged_keys(setup.model, cfg.dp))),
-                num_rounds=remaining, timeout=cfg.round_timeout, train_config=ConfigRecord({}),
-                evaluate_config=ConfigRecord({}), evaluate_fn=evaluate_fn,
-            )
+            if cfg.secure_aggregation:
+                run_secure_rounds(grid, context, cfg, strategy, initial, remaining, evaluate_fn)
+            else:
+                strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.round_timeout,
+                               train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
         except PrivacyBudgetExhausted as exc:  # raised before a round is sent: every finished round is kept
             log(WARNING, "fedpd: training stopped before round %d: %s (dp-max-epsilon = %g); the report covers the "
                 "rounds so far", len(setup.run.read_rounds()) + 1, exc, cfg.dp_max_epsilon)

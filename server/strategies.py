@@ -64,7 +64,7 @@ class FedpdFedYogi(_StatisticsAveraged, FedYogi):
 
 def arm_name(cfg: RunConfig) -> str:
     """The comparison-table name of a federated run: strategy, privacy, and random init when not pretrained."""
-    name = cfg.strategy + (f"+dp:{cfg.dp}" if cfg.dp != "none" else "")
+    name = cfg.strategy + (f"+dp:{cfg.dp}" if cfg.dp != "none" else "") + ("+secagg" if cfg.secure_aggregation else "")
     return name if cfg.pretrained_path else f"{name} (random init)"
 
 

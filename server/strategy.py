@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from logging import INFO, WARNING
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
 
-__all__ = ["RecordingStrategy", "RecordingFedAvg", "nan_aware_mean", "train_metrics_summary", "check_train_reply", "check_evaluate_reply",
+__all__ = ["RecordingStrategy", "RecordingFedAvg", "check_train_metrics", "check_aggregate", "nan_aware_mean", "train_metrics_summary", "check_train_reply", "check_evaluate_reply",
            "MAX_NUM_EXAMPLES", "EVALUATE_METRIC_KEYS"]
 
 # Largest number of training samples one site may claim. A site's FedAvg weight is its num-examples, so
@@ -154,7 +155,12 @@ def check_train_reply(content: RecordDict, reference: dict[str, tuple[int, ...]]
     reason = _check_structure(content, metric_keys, arrays=True, finite=True)
     if reason:
         return reason
-    metrics = content.metric_records[keys.METRICS]
+    return (_check_train_counts(content.metric_records[keys.METRICS], max_num_examples)
+            or _check_arrays(content.array_records[keys.ARRAYS], reference))
+
+
+def _check_train_counts(metrics, max_num_examples: int) -> str | None:
+    """Rule 3 of :func:`check_train_reply`: num-examples and the class counts."""
     n = metrics[keys.NUM_EXAMPLES]
     reason = _check_count(keys.NUM_EXAMPLES, n, 1, max_num_examples)
     if reason:
@@ -166,7 +172,27 @@ def check_train_reply(content: RecordDict, reference: dict[str, tuple[int, ...]]
             return reason
     if counts and sum(counts.values()) != n:
         return f"num-examples = {n} but the site's class counts sum to {sum(counts.values())} ({dict(sorted(counts.items()))})"
-    return _check_arrays(content.array_records[keys.ARRAYS], reference)
+    return None
+
+
+def check_train_metrics(metrics: dict, *, metric_keys: Iterable[str] = keys.TRAIN_METRIC_KEYS,
+                        max_num_examples: int = MAX_NUM_EXAMPLES) -> str | None:
+    """Rules 2 and 3 of :func:`check_train_reply` on a site's train metrics alone: what a secure-aggregation
+    round can still screen per site (its weights are masked; see server/secure.py)."""
+    reason = _check_metric_keys(MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))}), metric_keys)
+    if reason:
+        return reason
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {name!r} = {value!r} is not a single number"
+        if not math.isfinite(value):
+            return f"metric {name!r} = {value} is not finite"
+    return _check_train_counts(metrics, max_num_examples)
+
+
+def check_aggregate(arrays: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]] | None) -> str | None:
+    """Rule 4 of :func:`check_train_reply` on plain arrays (a secure-aggregation sum): keys, shapes, finite values."""
+    return _check_arrays(ArrayRecord(OrderedDict((k, Array(np.asarray(v))) for k, v in arrays.items())), reference)
 
 
 def _check_arrays(arrays: ArrayRecord, reference: dict[str, tuple[int, ...]] | None) -> str | None:

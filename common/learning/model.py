@@ -427,15 +427,16 @@ def statistics_keys(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_buffers()]
 
 
-def exchanged_keys(model: nn.Module, dp: str = "none") -> list[str]:
+def exchanged_keys(model: nn.Module, statistics: bool = True) -> list[str]:
     """The state keys that travel between server and sites, in state-dict order.
 
-    Everything without differential privacy. With it, only the trained parameters: a site's update must be
-    clipped and noised as a whole, and BatchNorm running statistics (data-dependent, not trained by gradient)
-    and batch counts (which grow by the number of batches) cannot be; so under DP the sites train with the
+    Everything when ``statistics`` (RunConfig.statistics_shared). Otherwise, under differential privacy or
+    secure aggregation, only the trained parameters: a site's update must be clipped and noised as a whole,
+    or quantized into a fixed range, and BatchNorm running statistics (data-dependent, not trained by gradient)
+    and batch counts (which grow by the number of batches) cannot be; so there the sites train with the
     server's statistics frozen and never send them (:func:`common.learning.train.train_local`).
     """
-    stats = set(statistics_keys(model)) if dp != "none" else set()
+    stats = set() if statistics else set(statistics_keys(model))
     return [k for k in model.state_dict() if k not in stats]
 
 

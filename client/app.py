@@ -6,7 +6,7 @@ Handlers unpack the message, call ``common/`` and pack the reply; nothing per-sa
 from __future__ import annotations
 
 from collections import OrderedDict
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from client.audit import audit_mod
 from client.site import resolve_site
 from common import keys
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.device import deterministic_kernels, runtime
 from common.learning.model import batchnorm_keys, exchanged_keys, load_state_numpy, make_model
 from common.learning.train import train_local, train_loader, validation_metrics
@@ -93,6 +94,27 @@ def _keep_batchnorm(model, context: Context) -> None:
     context.state[FEDBN_STATE] = ArrayRecord(OrderedDict((k, state[k]) for k in batchnorm_keys(model)))
 
 
+def _attacker(cfg: RunConfig, site, context: Context) -> bool:
+    """Whether this site plays the simulated attacker (run-config ``attack``; refused outside a simulation)."""
+    if cfg.attack == "none" or site.name != cfg.attack_site:
+        return False
+    if keys.NODE_PARTITION_ID not in context.node_config:
+        raise ConfigError(f"run-config attack = {cfg.attack!r} is for simulations only; this is a deployed site "
+                          f"({site.name}); set attack = 'none'")
+    return True
+
+
+def _attack(model, start: dict, cfg: RunConfig) -> None:
+    """Replace the trained floating-point tensors by ``start +- attack-factor * (trained - start)``: finite, the
+    right shapes and honest counts, so it passes screening, yet pulls the average away."""
+    sign = -1.0 if cfg.attack == "sign-flip" else 1.0
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                origin = start[name].to(value.device)
+                value.copy_(origin + sign * cfg.attack_factor * (value - origin))
+
+
 def _identity(site) -> dict:
     identity = {keys.SITE_NAME: site.name}
     qc = site.preprocessing_qc()
@@ -132,6 +154,8 @@ def train(msg: Message, context: Context) -> Message:
     rows = site.rows("train")
     seed = cfg.seed + 1000 * site.index + g  # new augmentation/sampler draws every round, reproducible
     torch.manual_seed(seed)  # dropout draws, like the sampler and augmentation, follow (seed, site, round)
+    attacker = _attacker(cfg, site, context)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if attacker else None
     loader, counts, weights = train_loader(rows, cfg, site.cache_dir, seed)
     result = train_local(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          rt=rt, class_weights=weights, num_examples=len(rows),
@@ -151,6 +175,10 @@ def train(msg: Message, context: Context) -> Message:
         result.seconds)
     if cfg.strategy == "fedbn":
         _keep_batchnorm(model, context)
+    if attacker:
+        _attack(model, start, cfg)
+        log(WARNING, "site %s, round %d: SIMULATED ATTACK: sends %s x%g of its update", site.name, g, cfg.attack,
+            cfg.attack_factor)
     state = model.state_dict()  # the exchanged keys, in the order the server sent them (the DP mods compare it)
     sent = exchanged_keys(model, cfg.statistics_shared)
     if legacy:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from common.errors import ConfigError
-from common.keys import CLASS_BALANCING, DP_MODES, MODEL_DEPTHS, STRATEGIES
+from common.keys import ATTACKS, CLASS_BALANCING, DP_MODES, MODEL_DEPTHS, STRATEGIES
 
 __all__ = ["RunConfig", "load_defaults", "parse_overrides", "PYPROJECT"]
 
@@ -131,6 +131,11 @@ class RunConfig:
     noise_multiplier: float = key(float, _at_least(0.0, exclusive=True), "dp: Gaussian noise std / clipping norm")
     dp_delta: float = key(float, lambda v: None if 0.0 < v < 1.0 else "must be in (0, 1)", "dp: the delta epsilon is reported at")
     dp_max_epsilon: float = key(float, _at_least(0.0), "dp: stop training before a round would pass this epsilon (0 = no limit)")
+    attack: str = key(str, _choice(ATTACKS), "simulation only: one site sends a harmful update that passes screening "
+                      "(w_global + attack-factor * update, or minus it for sign-flip)")
+    attack_site: str = key(str, None, "simulation only: the name of the attacking site (a sites/*.csv stem)")
+    attack_factor: float = key(float, _at_least(0.0, exclusive=True), "simulation only: how many times the site's "
+                               "update the attacker sends")
     fraction_train: float = key(float, _fraction, "share of available sites sampled per round")
     min_nodes: int = key(int, _at_least(1), "sites required to start a round")
     partition_dir: str = key(str, None, "simulation: folder holding sites/*.csv")
@@ -230,6 +235,8 @@ def _combination_problem(cfg: "RunConfig") -> str | None:
     if cfg.secure_aggregation and cfg.min_nodes < 3:
         return (f"run-config secure-aggregation = true needs min-nodes >= 3 (got {cfg.min_nodes}): with two sites each "
                 "could subtract its own update from the sum and read the other's")
+    if cfg.attack != "none" and not cfg.attack_site:
+        return f"run-config attack = {cfg.attack!r} needs attack-site, the name of the attacking site (a sites/*.csv stem)"
     if cfg.dp != "none" and cfg.fraction_train != 1.0:
         return (f"run-config dp = {cfg.dp!r} needs fraction-train = 1.0 (got {cfg.fraction_train}): the privacy "
                 "accounting counts every site in every round (no sampling amplification)")

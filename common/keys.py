@@ -10,7 +10,7 @@ __all__ = [
     "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
-    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
+    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "ATTACKS", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
     "NODE_PARTITION_ID", "NODE_NUM_PARTITIONS",
 ]
 
@@ -27,6 +27,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimme
 # differential privacy (run-config `dp`): off, central noise with server-side clipping, central noise with
 # clipping at the site (fixed or adaptive norm)
 DP_MODES = ("none", "server-fixed", "client-fixed", "client-adaptive")
+# a simulated harmful site (run-config `attack`, simulation only): update scaled, or scaled and sign-flipped
+ATTACKS = ("none", "scale", "sign-flip")
 
 # Record names inside a Message's RecordDict
 ARRAYS = "arrays"  # ArrayRecord: model state_dict (FedAvg default key)

@@ -151,6 +151,7 @@ BAD_VALUES = {
     "server-tau": [0.0, float("inf")],
     "trim-beta": [0.0, 0.5, 0.7],
     "byzantine-sites": [-1, 1.5, True],
+    "secure-aggregation": ["yes", 1],
     "dp": ["x", "fixed", None],
     "clipping-norm": [0.0, -1.0],
     "noise-multiplier": [0.0, -0.5],
@@ -218,6 +219,26 @@ def test_replace_revalidates_the_combination():
     with pytest.raises(ConfigError, match="strategy = 'krum'"):
         cfg.replace(dp="client-fixed")
     assert cfg.replace(strategy="fedavg", dp="client-fixed").dp == "client-fixed"
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"strategy": "krum", "min_nodes": 3}, ("secure-aggregation = true", "strategy = 'krum'")),
+    ({"strategy": "fedadam", "min_nodes": 3}, ("secure-aggregation = true", "strategy = 'fedadam'")),
+    ({"dp": "client-fixed", "min_nodes": 3}, ("secure-aggregation = true", "dp = 'client-fixed'")),
+    ({"min_nodes": 2}, ("secure-aggregation = true", "min-nodes >= 3")),
+])
+def test_secure_aggregation_combinations_are_refused(changes, named):
+    """secure-aggregation with a non-averaging strategy, with dp, or with fewer than 3 sites is refused naming both keys."""
+    with pytest.raises(ConfigError) as err:
+        _cfg(secure_aggregation=True, **changes)
+    assert all(part in str(err.value) for part in named), str(err.value)
+
+
+@pytest.mark.parametrize("strategy", DP_STRATEGIES)
+def test_secure_aggregation_with_an_averaging_strategy_passes(strategy):
+    """secure-aggregation goes with fedavg, fedprox and fedbn from 3 sites, and keeps the statistics home."""
+    cfg = _cfg(strategy=strategy, secure_aggregation=True, min_nodes=3)
+    assert cfg.secure_aggregation and not cfg.statistics_shared
 
 
 @pytest.mark.parametrize("dp", [d for d in DP_MODES if d != "none"])
@@ -598,21 +619,26 @@ def med3d():
         return build_med3d(10)
 
 
-def test_exchanged_keys_without_dp_are_the_whole_state(med3d):
-    """Without DP every state key travels, in state-dict order."""
-    assert exchanged_keys(med3d, "none") == list(med3d.state_dict())
+def test_exchanged_keys_with_statistics_are_the_whole_state(med3d):
+    """Without DP or secure aggregation every state key travels, in state-dict order."""
+    cfg = _cfg()
+    assert cfg.statistics_shared
+    assert exchanged_keys(med3d, cfg.statistics_shared) == list(med3d.state_dict())
     assert exchanged_keys(med3d) == list(med3d.state_dict())
 
 
-@pytest.mark.parametrize("dp", ["server-fixed", "client-fixed", "client-adaptive"])
-def test_exchanged_keys_with_dp_leave_out_exactly_the_buffers(med3d, dp):
-    """With DP the exchanged keys are the trained parameters, in state-dict order: every BatchNorm running statistic
-    and batch count (and nothing else) stays home."""
+@pytest.mark.parametrize("changes", [{"dp": d} for d in DP_MODES if d != "none"]
+                         + [{"secure_aggregation": True, "min_nodes": 3}])
+def test_exchanged_keys_under_dp_leave_out_exactly_the_buffers(med3d, changes):
+    """Under DP (or secure aggregation) the exchanged keys are the trained parameters, in state-dict order: every
+    BatchNorm running statistic and batch count (and nothing else) stays home."""
+    cfg = _cfg(**changes)
+    assert not cfg.statistics_shared
     state = list(med3d.state_dict())
-    exchanged = exchanged_keys(med3d, dp)
+    exchanged = exchanged_keys(med3d, cfg.statistics_shared)
     buffers = [name for name, _ in med3d.named_buffers()]
     assert exchanged == [k for k in state if k not in set(buffers)]
-    assert exchanged == [name for name, _ in med3d.named_parameters()]
+    assert set(exchanged) == {name for name, _ in med3d.named_parameters()}
     assert set(state) - set(exchanged) == set(statistics_keys(med3d)) == set(buffers)
     assert all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for k in buffers)
     assert len(buffers) == 3 * 12  # Med3D-10: 12 BatchNorms
@@ -623,11 +649,15 @@ def test_exchanged_keys_with_dp_leave_out_exactly_the_buffers(med3d, dp):
 def test_partial_load_replaces_parameters_and_keeps_buffers():
     """load_state_numpy with the DP keys replaces every parameter and leaves every buffer as it was."""
     model, other = TinyConvBN(seed=0), TinyConvBN(seed=1)
+    with torch.no_grad():  # BatchNorm's affine weights start at 1 and 0 whatever the seed
+        for bn in (other.bn1, other.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
     model.bn1.running_mean.fill_(0.7)
     model.bn2.num_batches_tracked.fill_(11)
     own = {k: v.clone() for k, v in model.state_dict().items()}
     sent = _numpy_state(other)
-    exchanged = exchanged_keys(model, "client-fixed")
+    exchanged = exchanged_keys(model, statistics=False)
     load_state_numpy(model, {k: sent[k] for k in exchanged}, keys=exchanged)
     state = model.state_dict()
     for k in exchanged:
@@ -649,7 +679,7 @@ def test_partial_load_refuses_missing_and_extra_keys():
     """A partial load refuses arrays missing an exchanged key or holding a key outside them; a full load refuses a missing key."""
     model = TinyConvBN(seed=0)
     sent = _numpy_state(TinyConvBN(seed=1))
-    exchanged = exchanged_keys(model, "server-fixed")
+    exchanged = exchanged_keys(model, statistics=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"missing \['conv1.weight'\]"):
         load_state_numpy(model, {k: sent[k] for k in exchanged if k != "conv1.weight"}, keys=exchanged)
@@ -823,9 +853,11 @@ def test_run_report_privacy_round_trips():
 
 
 def test_arm_name():
-    """The arm name is the strategy, +dp:<mode> with DP, and '(random init)' without a pretrained path."""
+    """The arm name is the strategy, +dp:<mode> with DP, +secagg with secure aggregation, and '(random init)' without a pretrained path."""
     assert arm_name(_cfg(strategy="fedavg", pretrained_path="")) == "fedavg (random init)"
     assert arm_name(_cfg(strategy="fedprox", dp="client-fixed", pretrained_path="/w/resnet_10.pth")) == \
         "fedprox+dp:client-fixed"
     assert arm_name(_cfg(strategy="fedbn", dp="client-adaptive")) == "fedbn+dp:client-adaptive (random init)"
     assert arm_name(_cfg(strategy="krum", pretrained_path="x")) == "krum"
+    assert arm_name(_cfg(strategy="fedavg", secure_aggregation=True, min_nodes=3, pretrained_path="x")) == \
+        "fedavg+secagg"

@@ -2,8 +2,8 @@
 
 Off by default. Set ``FEDPD_AUDIT_LOG=/path/audit.jsonl`` in the environment of the SuperNode (the
 ClientApp processes it starts inherit it) and every reply this site sends is described in that file:
-record names and types, for arrays their keys, shapes and dtypes (never the values), for metrics and
-configs every key with its value type and value. A site's IT can read it to check that only model
+record names and types, the bytes of the content (``content_bytes``; arrays: ``bytes``), for arrays their
+keys, shapes and dtypes (never the values), for metrics and configs every key with its value type and value. A site's IT can read it to check that only model
 weights and aggregate numbers leave the site (DESIGN.md, user 4).
 
 Several ClientApp processes may append to one file: each line is written with a single ``write`` on a
@@ -54,9 +54,10 @@ def describe_message(msg: Message) -> dict:
         out["error"] = {"code": msg.error.code, "reason": msg.error.reason}
         return out
     records = {}
+    out["content_bytes"] = sum(record.count_bytes() for record in msg.content.values())
     for name, record in msg.content.items():
         if isinstance(record, ArrayRecord):
-            records[name] = {"type": "ArrayRecord", "arrays": {
+            records[name] = {"type": "ArrayRecord", "bytes": record.count_bytes(), "arrays": {
                 key: {"shape": list(array.shape), "dtype": array.dtype, "stype": array.stype}
                 for key, array in record.items()}}
         elif isinstance(record, MetricRecord):

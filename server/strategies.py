@@ -24,6 +24,7 @@ from typing import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.common import log
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
                                      DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian,
@@ -31,10 +32,11 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
                                                SamplingMethod)
-from logging import INFO
+from logging import INFO, WARNING
 
 from common import keys
 from common.config import RunConfig
+from common.errors import ConfigError
 from server.strategy import RecordingStrategy, nan_aware_mean, train_metrics_summary
 
 __all__ = ["build_strategy", "strategy_state", "restore_strategy_state", "privacy_spent", "arm_name"]
@@ -78,21 +80,61 @@ def _accounting(cfg: RunConfig, sites: int):
         sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=cfg.dp_max_epsilon or None))
 
 
+def _all_sites(messages: list, expected: int) -> list:
+    """The DP noise and ledger are set for exactly ``expected`` sites per round: refuse another number clearly."""
+    if len(messages) != expected:
+        raise ConfigError(f"dp: {len(messages)} site(s) are taking part in this round but min-nodes = {expected}: the "
+                          "noise and the privacy accounting are set for exactly min-nodes sites; start the run with "
+                          f"min-nodes = {len(messages)} (every site of the federation)")
+    return messages
+
+
+class _FixedServer(DifferentialPrivacyServerSideFixedClipping):
+    def _prepare_accounting(self, server_round, messages):
+        return super()._prepare_accounting(server_round, _all_sites(list(messages), self.num_sampled_clients))
+
+
+class _FixedClient(DifferentialPrivacyClientSideFixedClipping):
+    def _prepare_accounting(self, server_round, messages):
+        return super()._prepare_accounting(server_round, _all_sites(list(messages), self.num_sampled_clients))
+
+
 class _AccountedAdaptive(DifferentialPrivacyClientSideAdaptiveClipping):
     """Flower's client-side adaptive clipping, with the release of every aggregated round composed into an
-    RdpAccountant (Flower's adaptive wrappers take none)."""
+    RdpAccountant (Flower's adaptive wrappers take none), the budget checked before each round as Flower's
+    fixed wrappers do, and a round without every site's usable update not released (as there)."""
 
     def __init__(self, *args, accountant, effective_noise_multiplier: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.accountant = accountant
         self.effective_noise_multiplier = effective_noise_multiplier
 
+    def _event(self) -> GaussianPrivacyEvent:
+        return GaussianPrivacyEvent(noise_multiplier=self.effective_noise_multiplier, sample_size=self.num_sampled_clients,
+                                    population_size=self.accountant.config.population_size)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = _all_sites(list(super().configure_train(server_round, arrays, config, grid)), self.num_sampled_clients)
+        self.check_budget()
+        return messages
+
+    def check_budget(self) -> None:
+        """Raise PrivacyBudgetExhausted when the next round's release would pass dp-max-epsilon."""
+        if self.accountant.config.max_epsilon is not None and self.accountant.would_exceed(self._event()):
+            spent = self.accountant.get_privacy_spent()
+            raise PrivacyBudgetExhausted(f"The next private release would exceed max_epsilon (current epsilon: "
+                                         f"{spent.epsilon}, delta: {spent.delta}).")
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        usable = [r for r in replies if not r.has_error()]
+        if len(usable) != self.num_sampled_clients:
+            log(WARNING, "round %d: %d of %d sites sent a usable update: the round is not released (DP noise is "
+                "set for all of them)", server_round, len(usable), self.num_sampled_clients)
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
-            self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=self.effective_noise_multiplier,
-                                                         sample_size=self.num_sampled_clients,
-                                                         population_size=self.accountant.config.population_size))
+            self.accountant.compose(self._event())
         return arrays, metrics
 
     def privacy_spent(self):
@@ -139,8 +181,7 @@ def build_strategy(cfg: RunConfig, *, round_offset: int, statistics_keys: Iterab
     extra = ()
     sites = cfg.min_nodes
     if cfg.dp in ("server-fixed", "client-fixed"):
-        wrapper = (DifferentialPrivacyServerSideFixedClipping if cfg.dp == "server-fixed"
-                   else DifferentialPrivacyClientSideFixedClipping)
+        wrapper = _FixedServer if cfg.dp == "server-fixed" else _FixedClient
         inner = wrapper(inner, noise_multiplier=cfg.noise_multiplier, clipping_norm=cfg.clipping_norm,
                         num_sampled_clients=sites, accountant=_accounting(cfg, sites))
         extra = (keys.UNIT_WEIGHT,)
@@ -184,7 +225,7 @@ def strategy_state(strategy: RecordingStrategy) -> dict:
     for name in ("m_t", "v_t"):
         moments = getattr(core, name, None)
         if moments:
-            state[name] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments.items()}
+            state[name] = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}  # 0-d stays 0-d
     if dp is not None:
         if dp.accountant is not None:
             state["accountant"] = dp.accountant.state_dict()

@@ -81,8 +81,10 @@ def test_audit_describes_arrays_without_their_values(tmp_path, monkeypatch):
 
     audit_mod(_instruction(), _context(), train)
     (e,) = _lines(log)
-    assert e["records"][keys.ARRAYS] == {"type": "ArrayRecord", "arrays": {
+    assert e["records"][keys.ARRAYS] == {"type": "ArrayRecord", "bytes": e["records"][keys.ARRAYS]["bytes"], "arrays": {
         "w": {"shape": [2, 3], "dtype": "float32", "stype": "numpy.ndarray"}}}
+    # the serialised size: the 6 float32 values (24 bytes) and their array header; the whole content is more
+    assert 24 < e["records"][keys.ARRAYS]["bytes"] < e["content_bytes"] < 1000
     assert "123.25" not in log.read_text()
     assert e["records"][keys.METRICS]["metrics"]["scores"] == {"type": "list[float]", "length": 2, "value": [0.1, 0.9]}
 

@@ -291,12 +291,12 @@ def test_build_strategy_picks_flowers_strategy(name, cls):
                                          ("client-adaptive", _AccountedAdaptive)])
 @pytest.mark.parametrize("strategy", DP_STRATEGIES)
 def test_build_strategy_wraps_in_flowers_dp_wrapper_with_an_accountant(strategy, dp, wrapper):
-    """Each dp mode gives Flower's wrapper around the unit-weighted strategy, calibrated for min-nodes sites, with an RdpAccountant."""
+    """Each dp mode gives Flower's wrapper (unit weights, min-nodes sites) with an RdpAccountant."""
     cfg = _cfg(strategy=strategy, dp=dp, min_nodes=3, clipping_norm=0.8, noise_multiplier=1.5, dp_delta=1e-4,
                dp_max_epsilon=6.0)
     built = build_strategy(cfg, round_offset=0, statistics_keys=STATS)
     dp_strategy = built.inner
-    assert type(dp_strategy) is wrapper
+    assert isinstance(dp_strategy, wrapper)  # fedpd's subclass: Flower's wrapper, number of sites checked
     assert type(dp_strategy.strategy) is (FedProx if strategy == "fedprox" else FedAvg)
     assert dp_strategy.strategy.weighted_by_key == keys.UNIT_WEIGHT
     assert dp_strategy.num_sampled_clients == 3 and dp_strategy.clipping_norm == 0.8
@@ -355,7 +355,7 @@ def test_fedmedian_returns_the_coordinate_median():
 
 
 def test_fedtrimmedavg_cuts_trim_beta_at_each_end_per_coordinate():
-    """fedtrimmedavg with trim-beta 0.2 over 5 sites drops each coordinate's lowest and highest value and averages the rest."""
+    """fedtrimmedavg, trim-beta 0.2, 5 sites: each coordinate's extremes are cut and the rest averaged."""
     values = [np.array([1.0, -100.0]), np.array([2.0, 5.0]), np.array([3.0, 6.0]), np.array([4.0, 7.0]),
               np.array([1000.0, 8.0])]
     built = build_strategy(_cfg(strategy="fedtrimmedavg", trim_beta=0.2), round_offset=0, statistics_keys=())
@@ -377,8 +377,7 @@ def test_krum_picks_one_honest_update():
 
 @pytest.mark.parametrize("robust", ["fedmedian", "fedtrimmedavg", "krum"])
 def test_one_sign_flipped_site_moves_fedavg_but_not_the_robust_strategies(robust):
-    """One of 5 sites sends its update sign-flipped and x10: FedAvg's model moves against the honest sites,
-    the robust strategy's stays close to the honest mean."""
+    """One of 5 sites sign-flipped and x10 drags FedAvg against the honest sites; the robust strategy stays near them."""
     rng = np.random.default_rng(0)
     w0 = np.full(50, 0.5)
     deltas = [0.1 + 0.01 * rng.standard_normal(50) for _ in range(4)]
@@ -431,8 +430,7 @@ def _state_replies(states: list[dict[str, np.ndarray]], ns: list[int]) -> list[M
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
 def test_fedopt_averages_batchnorm_statistics_and_steps_the_parameters(name):
-    """fedadam/fedyogi: every BatchNorm statistics key is the sample-weighted average of the sites' values (the
-    running variance stays positive under a large server step), every trained parameter is the optimizer's step."""
+    """fedadam/fedyogi: BatchNorm statistics are FedAvg's average (variance stays > 0), parameters the server step."""
     global_state, stats = _tiny_global()
     assert set(stats) == {f"bn{i}.{b}" for i in (1, 2) for b in ("running_mean", "running_var", "num_batches_tracked")}
     states, ns = _site_states(global_state), [10, 30, 60]
@@ -511,8 +509,7 @@ def _dp_extra(dp: str) -> dict:
 
 @pytest.mark.parametrize("dp", ["server-fixed", "client-fixed", "client-adaptive"])
 def test_dp_round_weighs_every_site_equally_and_is_accounted(dp):
-    """A DP round (global round 5 of a resumed run) averages the sites unweighted, whatever their sample counts,
-    and composes one release into the accountant."""
+    """A DP round (global round 5) averages the sites unweighted and composes one release into the accountant."""
     w0 = np.zeros(4)
     values = [np.full(4, 0.1), np.full(4, 0.2), np.full(4, 0.4)]  # each update's L2 norm within the clipping norm 1
     built = _dp_strategy(dp, round_offset=4)
@@ -537,15 +534,11 @@ def test_server_side_fixed_clipping_bounds_each_update():
 
 @pytest.mark.parametrize("dp", [
     "server-fixed", "client-fixed",
-    pytest.param("client-adaptive", marks=pytest.mark.xfail(strict=True, reason=(
-        "production bug: Flower's DifferentialPrivacyClientSideAdaptiveClipping calls validate_replies without "
-        "strict=True, so _AccountedAdaptive aggregates and releases a round in which fewer than min-nodes sites "
-        "sent a usable update (noise calibrated for min-nodes sites, composed as a full round), contrary to "
-        "build_strategy's docstring"))),
+    # Flower's adaptive wrapper validates replies non-strictly: fedpd's subclass refuses the incomplete round
+    "client-adaptive",
 ])
 def test_dp_round_with_a_rejected_site_is_not_released(dp):
-    """A DP round in which one of the 3 sites' updates is rejected by the screening is not released (the noise
-    is calibrated for 3 sites), and nothing is composed into the privacy ledger."""
+    """A DP round with one of 3 updates rejected by screening is not released and composes nothing."""
     w0 = np.zeros(4)
     values = [np.full(4, 0.1), np.full(4, 0.2), np.full(4, np.nan)]
     built = _dp_strategy(dp)
@@ -585,8 +578,7 @@ def test_proximal_term_keeps_the_model_near_the_global_weights():
 
 
 def test_freeze_statistics_keeps_every_batchnorm_buffer():
-    """freeze_statistics=True leaves running_mean/var and num_batches_tracked as they came while conv and
-    BatchNorm affine weights train; without it the statistics change."""
+    """freeze_statistics=True keeps every BatchNorm buffer while conv and affine weights train; without it they change."""
     model = TinyConvBN(seed=0)
     for module in model.modules():  # statistics unlike the data's, so an update would show
         if isinstance(module, nn.BatchNorm3d):
@@ -630,8 +622,7 @@ def test_exchanged_keys_with_statistics_are_the_whole_state(med3d):
 @pytest.mark.parametrize("changes", [{"dp": d} for d in DP_MODES if d != "none"]
                          + [{"secure_aggregation": True, "min_nodes": 3}])
 def test_exchanged_keys_under_dp_leave_out_exactly_the_buffers(med3d, changes):
-    """Under DP (or secure aggregation) the exchanged keys are the trained parameters, in state-dict order: every
-    BatchNorm running statistic and batch count (and nothing else) stays home."""
+    """Under DP or secure aggregation exactly the buffers (BatchNorm statistics and counts) stay home, order kept."""
     cfg = _cfg(**changes)
     assert not cfg.statistics_shared
     state = list(med3d.state_dict())
@@ -676,7 +667,7 @@ def test_full_load_casts_averaged_batch_counts_back():
 
 
 def test_partial_load_refuses_missing_and_extra_keys():
-    """A partial load refuses arrays missing an exchanged key or holding a key outside them; a full load refuses a missing key."""
+    """A partial load refuses a missing or an extra key before loading; a full load refuses a missing key."""
     model = TinyConvBN(seed=0)
     sent = _numpy_state(TinyConvBN(seed=1))
     exchanged = exchanged_keys(model, statistics=False)
@@ -686,9 +677,9 @@ def test_partial_load_refuses_missing_and_extra_keys():
     with pytest.raises(RuntimeError, match=r"unexpected \['bn1.running_mean'\]"):
         load_state_numpy(model, {k: sent[k] for k in exchanged} | {"bn1.running_mean": sent["bn1.running_mean"]},
                          keys=exchanged)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before loading anything
     with pytest.raises(RuntimeError, match="bn2.running_var"):
         load_state_numpy(model, {k: v for k, v in sent.items() if k != "bn2.running_var"})
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
 
 
 # --- 6. strategy state through a checkpoint ----------------------------------------------------------
@@ -711,8 +702,7 @@ def _fedadam_after_one_round(cfg: RunConfig):
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
 def test_server_optimizer_moments_survive_a_checkpoint(name):
-    """The moments after one round, saved and loaded with weights_only, restore into a fresh strategy equal, and
-    the next round from the restored strategy is the same as from the original."""
+    """FedAdam/FedYogi moments survive a weights_only checkpoint, and the next round from them is the same."""
     cfg = _cfg(strategy=name, server_lr=0.1)
     built, after_one, stats = _fedadam_after_one_round(cfg)
     state = strategy_state(built)
@@ -742,9 +732,6 @@ def test_server_optimizer_moments_survive_a_checkpoint(name):
         assert outs[1][k].shape == outs[0][k].shape
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "production bug: strategy_state stores each moment with np.ascontiguousarray, which turns a 0-d array "
-    "(BatchNorm's num_batches_tracked) into shape (1,); after a resume m_t/v_t of those keys have shape (1,)"))
 def test_restored_moments_keep_their_shapes():
     """Every restored moment has the shape it had, 0-d batch counts included."""
     cfg = _cfg(strategy="fedadam")
@@ -758,8 +745,7 @@ def test_restored_moments_keep_their_shapes():
 
 @pytest.mark.parametrize("dp", ["server-fixed", "client-fixed"])
 def test_privacy_ledger_survives_a_checkpoint(dp):
-    """The fixed-clipping accountant's ledger, saved and loaded with weights_only, restores into a fresh strategy
-    with the same epsilon, delta and number of releases."""
+    """The fixed-clipping privacy ledger survives a weights_only checkpoint with the same epsilon and releases."""
     cfg = _cfg(strategy="fedavg", dp=dp, min_nodes=3, noise_multiplier=1.2, clipping_norm=0.5, dp_max_epsilon=50.0)
     built = build_strategy(cfg, round_offset=0, statistics_keys=())
     event = GaussianPrivacyEvent(noise_multiplier=1.2, sample_size=3, population_size=3)
@@ -783,7 +769,7 @@ def test_privacy_ledger_survives_a_checkpoint(dp):
 
 
 def test_adaptive_clipping_norm_and_ledger_survive_a_checkpoint():
-    """client-adaptive: after an aggregated round the adapted clipping norm and the one-release ledger restore into a fresh strategy."""
+    """client-adaptive: the adapted clipping norm and the ledger of an aggregated round restore into a fresh strategy."""
     cfg = _cfg(strategy="fedavg", dp="client-adaptive", min_nodes=3, noise_multiplier=1.0, clipping_norm=1.0)
     built = build_strategy(cfg, round_offset=0, statistics_keys=())
     w0 = np.zeros(3)
@@ -853,7 +839,7 @@ def test_run_report_privacy_round_trips():
 
 
 def test_arm_name():
-    """The arm name is the strategy, +dp:<mode> with DP, +secagg with secure aggregation, and '(random init)' without a pretrained path."""
+    """The arm name: strategy, +dp:<mode>, +secagg, and '(random init)' without a pretrained path."""
     assert arm_name(_cfg(strategy="fedavg", pretrained_path="")) == "fedavg (random init)"
     assert arm_name(_cfg(strategy="fedprox", dp="client-fixed", pretrained_path="/w/resnet_10.pth")) == \
         "fedprox+dp:client-fixed"
@@ -861,3 +847,29 @@ def test_arm_name():
     assert arm_name(_cfg(strategy="krum", pretrained_path="x")) == "krum"
     assert arm_name(_cfg(strategy="fedavg", secure_aggregation=True, min_nodes=3, pretrained_path="x")) == \
         "fedavg+secagg"
+
+
+@pytest.mark.parametrize("dp", ["server-fixed", "client-fixed"])
+def test_dp_refuses_a_round_with_another_number_of_sites_than_min_nodes(dp):
+    """DP noise and ledger are set for min-nodes sites: a round sampling 4 of them stops with a ConfigError saying so."""
+    built = build_strategy(_cfg(dp=dp, min_nodes=3), round_offset=0, statistics_keys=())
+    with pytest.raises(ConfigError, match=r"4 site\(s\) are taking part in this round but min-nodes = 3.*min-nodes = 4"):
+        built.inner._prepare_accounting(1, [_instruction(n) for n in (1, 2, 3, 4)])
+    assert len(built.inner._prepare_accounting(1, [_instruction(n) for n in (1, 2, 3)])) == 3  # the right number passes
+
+
+def test_client_adaptive_stops_before_a_round_past_dp_max_epsilon():
+    """client-adaptive: once the next release would pass dp-max-epsilon, the round is refused before it is sent."""
+    from flwr.serverapp.exception import PrivacyBudgetExhausted
+
+    built = build_strategy(_cfg(dp="client-adaptive", noise_multiplier=0.5, dp_max_epsilon=60.0), round_offset=0,
+                           statistics_keys=())
+    dp = built.inner
+    dp.check_budget()  # nothing spent yet
+    releases = 0
+    with pytest.raises(PrivacyBudgetExhausted, match="max_epsilon"):
+        for _ in range(100):
+            dp.check_budget()
+            dp.accountant.compose(dp._event())
+            releases += 1
+    assert 1 <= releases < 100 and dp.accountant.get_privacy_spent().epsilon <= 60.0

@@ -1,0 +1,140 @@
+"""Strategies, privacy and robustness on the demo-size phantom, for EXPERIMENTS.md (issue 15).
+
+Every arm is one ``fedpd simulate`` on a partition built by benchmarks/experiments.py's commands (the
+template-space phantom of ``make demo``'s size: 120 subjects, 3 acquisition sites, 48^3), with the same
+run-config apart from the arm's own keys, and the audit log on (``FEDPD_AUDIT_LOG``) to measure the bytes
+the sites send. Recorded per arm: test AUC with its subject-bootstrap 95 % CI, the selected round, the mean
+round wall time, the bytes the sites sent per round (all sites, train and evaluate replies), and epsilon
+at the run's delta where DP is on. Results accumulate in ``<out>/strategies.json``.
+
+    python benchmarks/strategies.py --out runs/experiments --arms fedavg fedmedian --schemes natural --seeds 0
+    python benchmarks/strategies.py --out runs/experiments --markdown
+
+Phantom results: they show how the options behave on this pipeline, never a clinical performance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.experiments import FEDPD, _cohort  # noqa: E402
+from simulation.demo import DEMO, DEMO_RUN_CONFIG  # noqa: E402
+
+ROUNDS = 4  # every arm the same number of rounds (the demo runs 8: half, so that the table fits a session)
+# With 3 sites FedTrimmedAvg must cut one site per end (beta 0.2 cuts none of 3) and Krum assumes one Byzantine site.
+ROBUST_3 = "trim-beta=0.34 byzantine-sites=1"
+ATTACK = "attack='sign-flip' attack-factor=10.0 attack-site='10'"  # site 10 sends w - 10 * its update
+
+ARMS = {
+    "fedavg": "strategy='fedavg'",
+    "fedprox": "strategy='fedprox' proximal-mu=0.01",
+    "fedadam": "strategy='fedadam' server-lr=0.001",
+    "fedyogi": "strategy='fedyogi' server-lr=0.001",
+    "fedmedian": "strategy='fedmedian'",
+    "fedtrimmedavg": f"strategy='fedtrimmedavg' {ROBUST_3}",
+    "krum": f"strategy='krum' {ROBUST_3}",
+    "fedbn": "strategy='fedbn'",
+    "dp-server-fixed": "dp='server-fixed' clipping-norm=1.0 noise-multiplier=0.5",
+    "dp-client-fixed": "dp='client-fixed' clipping-norm=1.0 noise-multiplier=0.5",
+    "dp-client-adaptive": "dp='client-adaptive' clipping-norm=1.0 noise-multiplier=0.5",
+    "secagg": "secure-aggregation=true",
+    # robustness: one site sends a harmful update that passes screening
+    "attack-fedavg": f"strategy='fedavg' {ATTACK}",
+    "attack-fedmedian": f"strategy='fedmedian' {ATTACK}",
+    "attack-fedtrimmedavg": f"strategy='fedtrimmedavg' {ROBUST_3} {ATTACK}",
+    "attack-krum": f"strategy='krum' {ROBUST_3} {ATTACK}",
+}
+
+
+def _audit_bytes(audit: Path, rounds: int) -> float | None:
+    """Bytes of every reply the sites sent (train and evaluate), per round."""
+    if not audit.is_file():
+        return None
+    total = sum(json.loads(line).get("content_bytes", 0) for line in audit.read_text().splitlines() if line.strip())
+    return total / rounds if rounds else None
+
+
+def run(arm: str, scheme: str, seed: int, out: Path) -> dict:
+    part, cmds = _cohort(out, DEMO["effect"], "subject", scheme, seed=seed)
+    name = f"{arm}-{scheme}-seed{seed}"
+    run_dir = out / "strategies" / name
+    audit = out / "strategies" / f"{name}.audit.jsonl"
+    audit.unlink(missing_ok=True)
+    rc = f"{DEMO_RUN_CONFIG} num-server-rounds={ROUNDS} seed={seed} {ARMS[arm]}"
+    cmds.append(f"FEDPD_AUDIT_LOG={audit} {FEDPD} simulate --partition {part} --out {run_dir} --run-config {shlex.quote(rc)}")
+    start = time.perf_counter()
+    for cmd in cmds:
+        print(f"$ {cmd}", flush=True)
+        subprocess.run(cmd, shell=True, check=True, cwd=ROOT, env=os.environ.copy())
+    seconds = time.perf_counter() - start
+    report = json.loads((run_dir / "report.json").read_text())
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
+    walls = [r["wall_seconds"] for r in rounds if r.get("wall_seconds")]
+    return {"arm": arm, "scheme": scheme, "seed": seed, "name": report["arm"], "run_config": ARMS[arm],
+            "test_auc": report["test"]["auc"], "balanced_accuracy": report["test"]["balanced_accuracy"],
+            "selected_round": report["selected_round"], "rounds": len(rounds),
+            "round_wall_s": sum(walls) / len(walls) if walls else None,
+            "site_bytes_per_round": _audit_bytes(audit, len(rounds)),
+            "privacy": report.get("privacy"), "seconds": round(seconds, 1),
+            "command": cmds[-1].replace(str(ROOT) + "/", "")}
+
+
+def _ci(m: dict) -> str:
+    v, (lo, hi) = m.get("value"), (m.get("ci95") or [None, None])
+    if v is None or v != v:
+        return "n/a"
+    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if lo is not None else f"{v:.2f}"
+
+
+def markdown(results: dict) -> str:
+    lines = ["| arm | partition | seed | test AUC [95% CI] | balanced acc. | round | round wall | site bytes/round | "
+             "epsilon (delta) |", "|" + "---|" * 9]
+    for key in sorted(results, key=lambda k: (list(ARMS).index(results[k]["arm"]), results[k]["scheme"], results[k]["seed"])):
+        r = results[key]
+        eps = (f"{r['privacy']['epsilon']:.1f} ({r['privacy']['delta']:g})" if r.get("privacy") else "-")
+        mb = f"{r['site_bytes_per_round'] / 1e6:.1f} MB" if r.get("site_bytes_per_round") else "n/a"
+        lines.append(f"| {r['name']} | {r['scheme']} | {r['seed']} | {_ci(r['test_auc'])} | {_ci(r['balanced_accuracy'])} | "
+                     f"{r['selected_round']} | {r['round_wall_s']:.0f} s | {mb} | {eps} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
+    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--schemes", nargs="*", default=["natural", "dirichlet"], choices=["natural", "dirichlet"])
+    p.add_argument("--seeds", nargs="*", type=int, default=[0])
+    p.add_argument("--markdown", action="store_true", help="print the table from the results so far, run nothing")
+    a = p.parse_args()
+    out = a.out.resolve()
+    store = out / "strategies.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    if a.markdown:
+        print(markdown(results))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in a.seeds:
+        for scheme in a.schemes:
+            for arm in a.arms:
+                key = f"{arm}-{scheme}-seed{seed}"
+                if key in results:
+                    print(f"{key}: done already ({store})")
+                    continue
+                results[key] = run(arm, scheme, seed, out)
+                store.write_text(json.dumps(results, indent=2) + "\n")
+                print(markdown({key: results[key]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -232,9 +232,10 @@ def _combination_problem(cfg: "RunConfig") -> str | None:
     if cfg.secure_aggregation and cfg.dp != "none":
         return ("run-config secure-aggregation = true with dp = " + repr(cfg.dp) + ": not supported together yet; "
                 "choose one (dp = 'none', or secure-aggregation = false)")
-    if cfg.secure_aggregation and cfg.min_nodes < 3:
-        return (f"run-config secure-aggregation = true needs min-nodes >= 3 (got {cfg.min_nodes}): with two sites each "
-                "could subtract its own update from the sum and read the other's")
+    if cfg.secure_aggregation and cfg.min_nodes < 2:
+        return (f"run-config secure-aggregation = true needs min-nodes >= 2 (got {cfg.min_nodes}): a sum over one site "
+                "is that site's update (use 3 or more: with two, each site can derive the other's update from the "
+                "next global model)")
     if cfg.attack != "none" and not cfg.attack_site:
         return f"run-config attack = {cfg.attack!r} needs attack-site, the name of the attacking site (a sites/*.csv stem)"
     if cfg.dp != "none" and cfg.fraction_train != 1.0:

@@ -67,9 +67,10 @@ class FedpdFedYogi(_StatisticsAveraged, FedYogi):
 def arm_name(cfg: RunConfig) -> str:
     """The comparison-table name of a federated run: strategy, privacy, and random init when not pretrained."""
     name = cfg.strategy + (f"+dp:{cfg.dp}" if cfg.dp != "none" else "") + ("+secagg" if cfg.secure_aggregation else "")
+    name += "" if cfg.pretrained_path else " (random init)"
     if cfg.attack != "none":
         name += f" [attack: {cfg.attack} x{cfg.attack_factor:g} at {cfg.attack_site}]"
-    return name if cfg.pretrained_path else f"{name} (random init)"
+    return name
 
 
 def _accounting(cfg: RunConfig, sites: int):

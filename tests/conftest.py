@@ -18,7 +18,7 @@ from common.cli import console
 
 HEAVY = {
     "deployments": ("test_faults.py", "test_deploy.py", "test_bad_site.py"),
-    "simulations": ("test_federated.py", "test_controls.py", "test_safety_run.py"),
+    "simulations": ("test_federated.py", "test_controls.py", "test_safety_run.py", "test_strategy_runs.py"),
 }
 _FIRST = {group: rank for rank, group in enumerate(HEAVY)}
 

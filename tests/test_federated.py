@@ -89,11 +89,12 @@ def _site_names(partition: Path) -> set[str]:
 
 
 def test_flwr_run_local_simulation(cohort, tmp_path):
-    """The README's plain `flwr run . local` form: Flower starts its own simulation SuperLink."""
+    """The README's plain `flwr run . local` form: Flower starts its own simulation SuperLink. The run uses
+    strategy=fedyogi (Flower's FedYogi, server-side adaptive optimizer): its moments are in the checkpoint."""
     home, out = tmp_path / "flwr-home", tmp_path / "run"
     write_connections(home, {"local": {"address": ":local:"}})
     cfg = write_run_config(tmp_path / "rc.toml", SMALL | {
-        "num-server-rounds": 1, "min-nodes": 3, "partition-dir": str(cohort),
+        "num-server-rounds": 1, "min-nodes": 3, "partition-dir": str(cohort), "strategy": "fedyogi",
         "server-manifest": str(cohort / "server.csv"), "out-dir": str(out)})
     ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     env = flwr_env(home, **ports)
@@ -103,6 +104,8 @@ def test_flwr_run_local_simulation(cohort, tmp_path):
                               env=env, cwd=APP_DIR, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         _check_outputs(out, 1, _site_names(cohort))
+        state = RunDir.load_checkpoint(out / "checkpoints" / "round-1.pt")["strategy"]
+        assert state["name"] == "fedyogi" and set(state["state"]) == {"m_t", "v_t"}
     finally:
         # the CLI leaves its SuperLink running (FLOWER.md §2): find it by its port and stop it by PID
         port = ports["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
@@ -120,9 +123,12 @@ def test_simulate_resume_after_kill(cohort, tmp_path):
 
     The server appends a round's record to rounds.jsonl before it saves that round's checkpoint, and resume
     truncates rounds.jsonl to the last checkpoint. A kill between the two makes resume redo that round, so
-    the test waits for the checkpoint (written atomically) and compares only the checkpointed rounds."""
+    the test waits for the checkpoint (written atomically) and compares only the checkpointed rounds.
+
+    The run uses strategy=fedadam: resume restores the server optimizer's moments from the checkpoint (the
+    log says so), so round 2 continues Adam rather than restarting it."""
     out = tmp_path / "run"
-    rc = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in SMALL.items())
+    rc = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in SMALL.items()) + " strategy='fedadam'"
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--partition", str(cohort), "--rounds", "3",
            "--out", str(out), "--run-config", rc]
     log = open(tmp_path / "first.log", "wb")
@@ -148,6 +154,7 @@ def test_simulate_resume_after_kill(cohort, tmp_path):
     again = subprocess.run(cmd[:-1] + [rc + " resume=true"], cwd=APP_DIR, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"from round {saved[-1] + 1}" in again.stdout, again.stdout[-3000:]
+    assert "resume: restored the strategy's m_t, v_t" in again.stdout, again.stdout[-3000:]
     recs, report = _check_outputs(out, 3, _site_names(cohort))
     assert recs[: len(before)] == before  # nothing checkpointed by the first run was lost or rewritten
     assert "test AUC" in again.stdout and "phantom" in again.stdout

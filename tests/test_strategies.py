@@ -225,7 +225,7 @@ def test_replace_revalidates_the_combination():
     ({"strategy": "krum", "min_nodes": 3}, ("secure-aggregation = true", "strategy = 'krum'")),
     ({"strategy": "fedadam", "min_nodes": 3}, ("secure-aggregation = true", "strategy = 'fedadam'")),
     ({"dp": "client-fixed", "min_nodes": 3}, ("secure-aggregation = true", "dp = 'client-fixed'")),
-    ({"min_nodes": 2}, ("secure-aggregation = true", "min-nodes >= 3")),
+    ({"min_nodes": 1}, ("secure-aggregation = true", "min-nodes >= 2")),
 ])
 def test_secure_aggregation_combinations_are_refused(changes, named):
     """secure-aggregation with a non-averaging strategy, with dp, or with fewer than 3 sites is refused naming both keys."""

@@ -1,0 +1,145 @@
+"""Every strategy, privacy and robustness option through a real Flower simulation (`fedpd simulate`, one
+round at 16^3 on the 3-site phantom cohort of deploy_helpers.make_cohort).
+
+Options that go together share a run (fedprox with client-side DP clipping, fedbn with server-side DP
+clipping): each run checks what its options promise in rounds.jsonl, the checkpoint, report.json and the
+console. fedadam with resume is test_federated.py::test_simulate_resume_after_kill, fedyogi is
+test_federated.py::test_flwr_run_local_simulation; secure aggregation in a deployment with a dropout is
+test_deploy.py. The unit-level behaviour of each option is in test_strategies.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from simulation.flower import APP_DIR
+
+try:
+    from deploy_helpers import SMALL, make_cohort, rounds
+except ImportError:  # run as a package
+    from tests.deploy_helpers import SMALL, make_cohort, rounds
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("cohort")) / "partition"
+
+
+def _simulate(cohort: Path, out: Path, extra: str, rounds_: int = 1) -> tuple[str, list[dict], dict, dict]:
+    """One `fedpd simulate`; returns its output, the round records, the report and the last checkpoint."""
+    rc = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in SMALL.items()) + " " + extra
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--partition", str(cohort), "--rounds",
+                           str(rounds_), "--out", str(out), "--run-config", rc],
+                          cwd=APP_DIR, capture_output=True, text=True, timeout=900)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    recs = rounds(out)
+    assert [r["round"] for r in recs] == list(range(1, rounds_ + 1))
+    report = json.loads((out / "report.json").read_text())
+    ckpt = torch.load(out / "checkpoints" / f"round-{rounds_}.pt", map_location="cpu", weights_only=True)
+    return text, recs, report, ckpt
+
+
+def _sites(cohort: Path) -> list[str]:
+    return sorted(p.stem for p in (cohort / "sites").glob("*.csv"))
+
+
+def _statistics_untouched(ckpt: dict) -> None:
+    """From-scratch BatchNorm statistics as initialised: DP and secure aggregation never train or send them."""
+    sd = ckpt["state_dict"]
+    stats = [k for k in sd if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats
+    for k in stats:
+        expected = 1.0 if k.endswith("running_var") else 0.0
+        assert torch.all(sd[k] == expected), k
+
+
+def _privacy_recorded(text: str, recs: list[dict], report: dict, releases: int) -> dict:
+    spent = recs[-1]["privacy"]
+    assert spent["releases"] == releases and spent["epsilon"] > 0 and spent["delta"] == pytest.approx(1e-5)
+    assert report["privacy"]["epsilon"] == pytest.approx(spent["epsilon"]) and report["privacy"]["rounds"] == len(recs)
+    assert f"privacy spent epsilon {spent['epsilon']:.3f} at delta 1e-05" in text  # on the console
+    return spent
+
+
+def test_fedprox_with_client_side_dp_clipping(cohort, tmp_path):
+    """fedprox + dp=client-fixed: the sites clip (Flower's fixedclipping_mod), the server noises; epsilon is in
+    rounds.jsonl, the report and on the console; BatchNorm statistics stay as initialised."""
+    text, recs, report, ckpt = _simulate(cohort, tmp_path / "run", "strategy='fedprox' proximal-mu=0.1 "
+                                         "dp='client-fixed' clipping-norm=0.5 noise-multiplier=0.5")
+    assert report["arm"] == "fedprox+dp:client-fixed (random init)"
+    assert sorted(recs[0]["sites"]) == _sites(cohort) and recs[0]["rejected"] == []
+    assert all(s["unit-weight"] == 1 for s in recs[0]["sites"].values())  # every site weighs the same
+    assert text.count("fixedclipping_mod: parameters are clipped by value: 0.5000") == 3  # each site clipped
+    spent = _privacy_recorded(text, recs, report, releases=1)
+    assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] == 0.5
+    _statistics_untouched(ckpt)
+    assert ckpt["strategy"]["name"] == "fedprox" and ckpt["strategy"]["dp"] == "client-fixed"
+    assert ckpt["strategy"]["state"]["accountant"]["compositions"]  # the ledger travels with the checkpoint
+
+
+def test_fedbn_with_server_side_dp_clipping(cohort, tmp_path):
+    """fedbn + dp=server-fixed, 2 rounds: the server clips and noises; the ledger counts 2 releases."""
+    text, recs, report, ckpt = _simulate(cohort, tmp_path / "run", "strategy='fedbn' dp='server-fixed' "
+                                         "clipping-norm=1.0 noise-multiplier=1.0", rounds_=2)
+    assert report["arm"] == "fedbn+dp:server-fixed (random init)"
+    assert all(sorted(r["sites"]) == _sites(cohort) for r in recs)
+    first = recs[0]["privacy"]
+    assert first["releases"] == 1 and f"privacy spent epsilon {first['epsilon']:.3f}" in text
+    second = _privacy_recorded(text, recs, report, releases=2)
+    assert second["epsilon"] > first["epsilon"]  # privacy loss accumulates over rounds
+    _statistics_untouched(ckpt)
+
+
+def test_fedavg_with_adaptive_client_clipping(cohort, tmp_path):
+    """dp=client-adaptive: Flower's adaptiveclipping_mod at the sites; the clipping norm adapts after the round
+    and the round is composed into the ledger."""
+    text, recs, report, _ = _simulate(cohort, tmp_path / "run", "dp='client-adaptive' clipping-norm=0.5 "
+                                      "noise-multiplier=0.5")
+    assert "adaptiveclipping_mod" in text
+    spent = _privacy_recorded(text, recs, report, releases=1)
+    assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] != 0.5  # adapted from the initial norm
+    assert all("norm_bit" in s for s in recs[0]["sites"].values())
+
+
+@pytest.mark.parametrize("strategy, extra", [
+    ("fedmedian", "attack='sign-flip' attack-factor=10.0"),
+    ("fedtrimmedavg", "trim-beta=0.34"),
+    ("krum", "byzantine-sites=1 attack='scale' attack-factor=10.0"),
+])
+def test_robust_aggregation_runs(cohort, tmp_path, strategy, extra):
+    """fedmedian / fedtrimmedavg / krum aggregate a real round (two of them with a simulated attacker, whose
+    update passes screening: it is aggregated, not rejected)."""
+    attacker = _sites(cohort)[0]
+    if "attack=" in extra:
+        extra += f" attack-site='{attacker}'"
+    text, recs, report, ckpt = _simulate(cohort, tmp_path / "run", f"strategy='{strategy}' {extra}")
+    assert report["arm"].startswith(f"{strategy} (random init)")
+    assert sorted(recs[0]["sites"]) == _sites(cohort) and recs[0]["rejected"] == []
+    if "attack=" in extra:
+        assert f"site {attacker}, round 1: SIMULATED ATTACK" in text
+        assert "attack:" in report["arm"]
+    assert ckpt["strategy"]["name"] == strategy
+    assert all(np.isfinite(v.numpy()).all() for v in ckpt["state_dict"].values())
+
+
+def test_secure_aggregation_simulation(cohort, tmp_path):
+    """secure-aggregation=true: SecAgg+ rounds in simulation; the sum of the 3 sites is aggregated, the sites'
+    metrics are recorded as usual, BatchNorm statistics stay as initialised, the weights moved but stay small."""
+    text, recs, report, ckpt = _simulate(cohort, tmp_path / "run", "secure-aggregation=true")
+    assert "round 1: securely aggregated 3 site update(s)" in text
+    assert report["arm"] == "fedavg+secagg (random init)"
+    assert sorted(recs[0]["sites"]) == _sites(cohort)
+    assert recs[0]["num_examples"] == sum(s["num-examples"] for s in recs[0]["sites"].values())
+    _statistics_untouched(ckpt)
+    sd = ckpt["state_dict"]
+    assert max(float(v.abs().max()) for k, v in sd.items() if v.is_floating_point()) <= 8.0

@@ -10,6 +10,9 @@ deployment that meets them one after the other, as a federation would:
   and ``--database``, a ``flwr run`` with ``resume=true`` runs round 3 only with the two live sites, rounds
   1..2 unchanged, and the report covers all three rounds (the full report checked).
 
+A second deployment runs secure aggregation (SecAgg+) on 3 SuperNodes and loses one of them while it trains in
+round 2: the protocol removes the dead site's masks with the others' key shares and aggregates the rest.
+
 Every process gets free ports and its own FLWR_HOME and is stopped by PID in ``finally``. No wait is a
 fixed sleep or a constant sized for one machine: each polls for its event, and those that span rounds are a
 multiple of a round measured in the same run (deploy_helpers.round_limit).
@@ -160,3 +163,70 @@ def test_site_killed_mid_round_then_superlink_killed_and_resumed(partition, tmp_
         for p in reversed(procs):
             stop(p)
     assert all(p.popen.poll() is not None for p in procs)  # stop() ended every process it was given
+
+
+def test_secure_aggregation_deployment_with_a_site_dropping_out_mid_round(partition, tmp_path):
+    """secure-aggregation=true on 3 real SuperNodes, 2 rounds, min-nodes=2. Round 1: SecAgg+ sums all 3 sites.
+    Round 2: one SuperNode is SIGKILLed while it trains (the third stage of the protocol, after it shared its
+    keys): the SuperLink answers for it once it missed its heartbeats, the two live sites' key shares remove
+    its masks, and the round aggregates the other two; the report is written and the run completes."""
+    out, names = tmp_path / "run", site_names(partition)
+    victim = names[0]
+    others = [n for n in names if n != victim]
+    procs: list[Proc] = []
+    cli = None
+    try:
+        link = start_superlink(tmp_path / "link", port=free_port())
+        procs.append(link)
+        sites = start_sites(partition, tmp_path, link, names)
+        procs += sites.values()
+        home = tmp_path / "cli"
+        write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
+        overrides = SMALL | {"num-server-rounds": 2, "min-nodes": 2, "round-timeout": ROUND_TIMEOUT,
+                             "secure-aggregation": True, "server-manifest": str(partition / "server.csv"),
+                             "out-dir": str(out)}
+        log = tmp_path / "flwr-run.log"
+        cli = _flwr_run_background(home, write_run_config(tmp_path / "rc.toml", overrides), log)
+
+        wait_until(lambda: len(rounds(out)) >= 1, "round 1", RUN_LIMIT, procs)
+        round_1 = slowest_round(out)
+        seen = set(clientapps(sites[victim]))  # a round-1 evaluate ClientApp may still be exiting
+        new: list[int] = []
+
+        def third_stage() -> bool:  # SecAgg+ starts one ClientApp per stage: setup, share keys, train (masked)
+            for pid in sorted(clientapps(sites[victim]) - seen):
+                seen.add(pid)
+                new.append(pid)
+            return len(new) >= 3
+        wait_until(third_stage, f"site {victim}'s round-2 training ClientApp", round_limit(round_1, floor=180), procs)
+        kill_tree(sites[victim])
+        live = [link] + [sites[n] for n in others]
+        wait_until(lambda: (out / "report.json").is_file(), "the report",
+                   HEARTBEAT_EXPIRY + round_limit(round_1, rounds=2, floor=400), live)
+        cli.wait(timeout=PROCESS_LIMIT)
+        text = log.read_text()
+        assert cli.returncode == 0, text[-3000:]
+
+        recs = rounds(out)
+        assert [r["round"] for r in recs] == [1, 2]
+        assert sorted(recs[0]["sites"]) == names and recs[0]["missing_sites"] == [] and recs[0]["rejected"] == []
+        assert sorted(recs[1]["sites"]) == others, recs[1]
+        assert recs[1]["missing_sites"] == [victim]
+        assert recs[1]["num_examples"] == sum(recs[1]["sites"][n]["num-examples"] for n in others)
+        assert recs[1]["failures"] and all(f["phase"] == "train" for f in recs[1]["failures"])
+        assert "round 1: securely aggregated 3 site update(s)" in text
+        assert "round 2: a site dropped out of the secure round" in text
+        assert "round 2: securely aggregated 2 site update(s)" in text
+        report = json.loads((out / "report.json").read_text())
+        assert report["arm"] == "fedavg+secagg (random init)" and report["rounds"] == 2
+        assert report["participation"]["2"]["trained"] == others and report["participation"]["2"]["missing"] == [victim]
+        sd = RunDir.load_checkpoint(out / "checkpoints" / "round-2.pt")["state_dict"]
+        assert all(bool(v.isfinite().all()) for v in sd.values() if v.is_floating_point())
+        for n in others:
+            assert sites[n].popen.poll() is None, f"site {n} died: {sites[n].log_text()[-2000:]}"
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+        for p in reversed(procs):
+            stop(p)
+    assert all(p.popen.poll() is not None for p in procs)

@@ -82,6 +82,8 @@ def test_fedprox_with_client_side_dp_clipping(cohort, tmp_path):
     assert text.count("fixedclipping_mod: parameters are clipped by value: 0.5000") == 3  # each site clipped
     spent = _privacy_recorded(text, recs, report, releases=1)
     assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] == 0.5
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "privacy: epsilon" in html and f"{spent['epsilon']:.2f} (delta 1e-05)" in html  # the comparison table
     _statistics_untouched(ckpt)
     assert ckpt["strategy"]["name"] == "fedprox" and ckpt["strategy"]["dp"] == "client-fixed"
     assert ckpt["strategy"]["state"]["accountant"]["compositions"]  # the ledger travels with the checkpoint

@@ -558,6 +558,21 @@ def _test_ids(report_path: Path) -> set[str] | None:
     return set(df.loc[df["split"] == "test", "image_id"])
 
 
+def _run_costs(rep: RunReport | None, report_path: Path) -> list[str]:
+    """The selected round, the mean round wall time (from the arm's rounds.jsonl) and the privacy spent."""
+    if rep is None:
+        return ["n/a"] * 3
+    walls = []
+    try:
+        walls = [r.wall_seconds for r in RunDir(report_path.parent).read_rounds() if r.wall_seconds]
+    except (DataError, OSError):
+        pass
+    privacy = rep.privacy or {}
+    eps = (f"{privacy['epsilon']:.2f} (delta {privacy['delta']:g})" if privacy.get("epsilon") is not None else "no DP")
+    return [str(rep.selected_round if rep.selected_round is not None else "n/a"),
+            f"{sum(walls) / len(walls):.0f} s" if walls else "n/a", eps]
+
+
 def _section_comparison(ctx: _Run) -> str:
     own = (ctx.root / "report.json").resolve()
     candidates = _find_reports(ctx.root / "baselines")
@@ -598,10 +613,12 @@ def _section_comparison(ctx: _Run) -> str:
         flag = f'<span class="{"bad" if cls else "ok"}">{esc(status)}</span>'
         rows.append([arm, esc(_train_data(rep) if rep is not None else "n/a")]
                     + [esc(value_ci(test, k)) for k in ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1")]
-                    + [esc(f"{counts.get('scans', 'n/a')} / {counts.get('subjects', 'n/a')}"), flag])
+                    + [esc(f"{counts.get('scans', 'n/a')} / {counts.get('subjects', 'n/a')}")]
+                    + [esc(v) for v in _run_costs(rep, path)] + [flag])
         classes.append(cls)
     out = [table(["arm", "train data", "AUC [CI]", "balanced acc. [CI]", "sensitivity [CI]", "specificity [CI]",
-                   "F1 [CI]", "test scans / subjects", "test set"], rows, classes, raw=True)]
+                   "F1 [CI]", "test scans / subjects", "round", "round wall", "privacy: epsilon", "test set"],
+                 rows, classes, raw=True)]
     if any(classes):
         out.append(note("Rows marked DIFFERENT were evaluated on another test set: their numbers cannot be compared "
                          "with this run's. A comparison is only valid on the same test split.", "alarm"))

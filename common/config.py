@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -257,21 +256,51 @@ def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
         raise ConfigError(f"{pyproject}: no [tool.flwr.app.config] table") from None
 
 
+def _override_items(text: str) -> list[tuple[str, bool]]:
+    """Split ``text`` at unquoted whitespace like a shell; each item with whether its value (after the first
+    ``=``) was quoted, so that ``site='10'`` stays the string "10" (``shlex.split`` would lose the quotes)."""
+    items, buf, quoted, quote, has = [], [], False, None, False
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+            else:
+                buf.append(ch)
+        elif ch in "'\"":
+            quote, has = ch, True
+            quoted = quoted or "=" in "".join(buf)
+        elif ch.isspace():
+            if has:
+                items.append(("".join(buf), quoted))
+            buf, quoted, has = [], False, False
+        else:
+            buf.append(ch)
+            has = True
+    if quote:
+        raise ConfigError(f"run-config overrides {text!r}: unbalanced {quote}")
+    if has:
+        items.append(("".join(buf), quoted))
+    return items
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse ``"k=v k2=v2"`` like ``flwr run -c``: values are TOML (``lr=0.01``, ``amp=false``,
-    ``out-dir='runs/x'``); a bare word that is not TOML is taken as a string.
+    """Parse ``"k=v k2=v2"`` like ``flwr run -c``: values are TOML (``lr=0.01``, ``amp=false``); a quoted
+    value is a string (``out-dir='runs/x y'``, ``attack-site='10'``); a bare word that is not TOML is taken
+    as a string.
 
     Raises:
-        ConfigError: an item without ``=``.
+        ConfigError: an item without ``=``, or an unbalanced quote.
     """
     out: dict[str, Any] = {}
-    for item in shlex.split(text or ""):
+    for item, quoted in _override_items(text or ""):
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"run-config override {item!r} is not of the form key=value")
+        if quoted:
+            out[key] = raw
+            continue
         try:
             out[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             out[key] = raw
     return out
-

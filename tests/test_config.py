@@ -98,6 +98,11 @@ def test_parse_overrides_like_flwr_run_c():
     assert cfg.num_server_rounds == 3 and cfg.amp is False
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides("lr")
+    # a quoted value stays a string even when it reads as a number (a site named 10); quotes group spaces
+    assert parse_overrides("attack-site='10' seed=10 a=\"x y\" b='' c=abc") == {
+        "attack-site": "10", "seed": 10, "a": "x y", "b": "", "c": "abc"}
+    with pytest.raises(ConfigError, match="unbalanced"):
+        parse_overrides("out-dir='runs/x")
 
 
 def test_device_helper_cpu_and_amp_policy(monkeypatch):

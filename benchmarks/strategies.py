@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.experiments import FEDPD, _cohort  # noqa: E402
 from simulation.demo import DEMO, DEMO_RUN_CONFIG  # noqa: E402
 
-ROUNDS = 4  # every arm the same number of rounds (the demo runs 8: half, so that the table fits a session)
+ROUNDS = DEMO["rounds"]  # every arm the same number of rounds as the demo (8)
 # With 3 sites FedTrimmedAvg must cut one site per end (beta 0.2 cuts none of 3) and Krum assumes one Byzantine site.
 ROBUST_3 = "trim-beta=0.34 byzantine-sites=1"
 ATTACK = "attack='sign-flip' attack-factor=10.0 attack-site='10'"  # site 10 sends w - 10 * its update

@@ -466,3 +466,96 @@ def test_make_model_initialisation_follows_the_run_seed():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values())
                if x.dtype.is_floating_point)
+
+
+# --- the ClientApp under fedbn, DP, secure aggregation and the simulated attack --------------------
+
+
+def _site_context(tmp_path: Path, cfg: RunConfig, extra_node_config: dict | None = None) -> Context:
+    df = cohort(tmp_path / "siteA", {(0, "A"): 2, (1, "A"): 3}, ("val", "train", "train", "val", "train"))
+    csv = write_manifest(df, tmp_path / "siteA" / "site.csv")
+    return _context({"data-path": str(csv), "cache-dir": str(tmp_path / "cache")} | (extra_node_config or {}), cfg)
+
+
+def _bn_weights(state) -> dict:
+    from common.learning.model import batchnorm_keys
+
+    model = build_med3d(depth=10, num_classes=2)
+    return {k: np.asarray(state[k]) for k in batchnorm_keys(model) if k.endswith(".weight")}
+
+
+def test_fedbn_site_keeps_its_own_batchnorm_between_rounds(tmp_path, med3d_state):
+    """fedbn: after round 1 the site keeps every BatchNorm tensor in context.state; in round 2 it trains from
+    its own BatchNorm, not the server's (here the server's BatchNorm weights are all 5)."""
+    from client.app import FEDBN_STATE, train
+    from common.learning.model import batchnorm_keys
+
+    cfg = make_cfg(strategy="fedbn", lr=1e-3)
+    ctx = _site_context(tmp_path, cfg)
+    arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in med3d_state.items()})
+    train(instruction(101, RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 1})})), ctx)
+    kept = ctx.state[FEDBN_STATE].to_torch_state_dict()
+    assert list(kept) == batchnorm_keys(build_med3d(depth=10, num_classes=2))
+    server = {k: (np.full_like(v, 5.0) if k in _bn_weights(med3d_state) else v) for k, v in med3d_state.items()}
+    reply = train(instruction(101, RecordDict({keys.ARRAYS: ArrayRecord({k: torch.as_tensor(v) for k, v in server.items()}),
+                                               keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 2})})), ctx)
+    sent = reply.content[keys.ARRAYS].to_torch_state_dict()
+    for k in _bn_weights(med3d_state):  # trained a few steps from the site's own (~1), far from the server's 5
+        assert float((sent[k] - 5.0).abs().min()) > 1.0, k
+        assert torch.allclose(sent[k], kept[k], atol=0.1), k
+
+
+def test_dp_site_sends_trained_parameters_only_with_statistics_frozen(tmp_path, med3d_state):
+    """dp: the server sends the parameters without BatchNorm statistics; the site trains with its statistics
+    frozen and replies with exactly those keys, in the order sent, and a unit weight."""
+    from client.app import train
+    from common.learning.model import statistics_keys
+
+    cfg = make_cfg(dp="client-fixed", lr=1e-3)
+    ctx = _site_context(tmp_path, cfg)
+    stats = set(statistics_keys(build_med3d(depth=10, num_classes=2)))
+    params = ArrayRecord({k: torch.as_tensor(v) for k, v in med3d_state.items() if k not in stats})
+    reply = train(instruction(101, RecordDict({keys.ARRAYS: params, keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 1})})), ctx)
+    assert list(reply.content[keys.ARRAYS]) == list(params)
+    assert reply.content[keys.METRICS][keys.UNIT_WEIGHT] == 1
+    with pytest.raises(RuntimeError, match="exchanged keys"):  # the whole state (statistics too) is refused
+        train(instruction(101, RecordDict({keys.ARRAYS: ArrayRecord({k: torch.as_tensor(v) for k, v in med3d_state.items()}),
+                                           keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 1})})), ctx)
+
+
+def test_secure_aggregation_site_answers_a_legacy_fitins_with_a_fitres(tmp_path, med3d_state):
+    """secure-aggregation: the SecAgg+ training message is Flower's legacy FitIns (weights as an ordered list);
+    the site replies with a FitRes: its weights in the same order, num-examples as the protocol weight, and its
+    metrics and name in the clear. A value outside SecAgg+'s +-8 range is refused, not cut."""
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from client.app import train
+    from common.learning.model import exchanged_keys
+
+    cfg = make_cfg(**{"secure-aggregation": True, "min-nodes": 3, "lr": 1e-3})
+    ctx = _site_context(tmp_path, cfg)
+    names = exchanged_keys(build_med3d(depth=10, num_classes=2), statistics=False)
+    fitins = FitIns(ndarrays_to_parameters([med3d_state[k] for k in names]), {keys.GLOBAL_ROUND: 1})
+    reply = train(instruction(101, compat.fitins_to_recorddict(fitins, keep_input=True)), ctx)
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    values = parameters_to_ndarrays(fitres.parameters)
+    assert [v.shape for v in values] == [med3d_state[k].shape for k in names]
+    assert fitres.num_examples == fitres.metrics[keys.NUM_EXAMPLES] == 3
+    assert fitres.metrics[keys.SITE_NAME] == "site"
+    big = dict(med3d_state)
+    big[names[0]] = np.full_like(big[names[0]], 50.0)
+    with pytest.raises(ValueError, match=r"outside the SecAgg\+ quantization range"):
+        train(instruction(101, compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([big[k] for k in names]),
+                                                                   {keys.GLOBAL_ROUND: 1}), keep_input=True)), ctx)
+
+
+def test_attack_keys_are_refused_at_a_deployed_site(tmp_path, med3d_state):
+    """attack: a deployed site (node-config data-path, no partition-id) refuses to play the attacker."""
+    from client.app import train
+
+    cfg = make_cfg(attack="sign-flip", **{"attack-site": "site"})
+    ctx = _site_context(tmp_path, cfg)
+    arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in med3d_state.items()})
+    with pytest.raises(ConfigError, match="simulations only"):
+        train(instruction(101, RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 1})})), ctx)

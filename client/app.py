@@ -105,11 +105,11 @@ def _attacker(cfg: RunConfig, site, context: Context) -> bool:
 
 
 def _attack(model, start: dict, cfg: RunConfig) -> None:
-    """Replace the trained floating-point tensors by ``start +- attack-factor * (trained - start)``: finite, the
-    right shapes and honest counts, so it passes screening, yet pulls the average away."""
+    """Replace the trained parameters by ``start +- attack-factor * (trained - start)``: finite, the right
+    shapes, honest counts and statistics, so it passes screening, yet pulls the average away."""
     sign = -1.0 if cfg.attack == "sign-flip" else 1.0
     with torch.no_grad():
-        for name, value in model.state_dict().items():
+        for name, value in model.named_parameters():
             if value.is_floating_point():
                 origin = start[name].to(value.device)
                 value.copy_(origin + sign * cfg.attack_factor * (value - origin))

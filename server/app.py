@@ -5,6 +5,7 @@ The handler converts Flower objects to plain calls; the loops and the report are
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from logging import ERROR, INFO, WARNING
@@ -117,7 +118,16 @@ def _require_training(setup: ServerSetup, records: list[RoundRecord]) -> None:
     checkpoints, so ``fedpd simulate`` can show the sites' reasons, and raises :class:`RunFailedError`.
     """
     if any(rec.sites for rec in records):
-        return
+        if any(isinstance(rec.val.get("loss"), (int, float)) and math.isfinite(rec.val["loss"]) for rec in records):
+            return
+        message = (f"every one of the {len(records)} round(s) gave a model whose validation outputs are not finite "
+                   "(its weights diverged, or were poisoned by an update that passed screening): no model to test. "
+                   "See the sites' training losses in rounds.jsonl; lower lr, or use a robust strategy "
+                   "(fedmedian, fedtrimmedavg, krum) if a site may be faulty, and start a new run.")
+        setup.run.write_json(FAILURE_FILE, {"error": "no usable round", "rounds": len(records), "reasons": [],
+                                            "message": message})
+        log(ERROR, "fedpd: %s", message)
+        raise RunFailedError(message)
     reasons = []
     for rec in records:
         for f in rec.failures:

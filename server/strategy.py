@@ -142,7 +142,8 @@ def check_train_reply(content: RecordDict, reference: dict[str, tuple[int, ...]]
        integers >= 0.
     4. Arrays: the same keys as the global model's ArrayRecord (``reference``, key -> shape); each
        decodes as a numeric NumPy array of the reference shape (the decoded shape, not only the
-       declared one); every floating value is finite (no NaN/Inf). Integer arrays (BatchNorm's
+       declared one); every floating value is finite (no NaN/Inf); BatchNorm variances (``*running_var``) are
+       >= 0 (a negative one turns every output into NaN). Integer arrays (BatchNorm's
        ``num_batches_tracked``) may come back as int or float, as Flower averages them to float.
 
     Args:
@@ -213,6 +214,8 @@ def _check_arrays(arrays: ArrayRecord, reference: dict[str, tuple[int, ...]] | N
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             bad = int(value.size - np.isfinite(value).sum())
             return f"array {name!r} holds {bad} non-finite value(s) (NaN/Inf) out of {value.size}"
+        if name.endswith("running_var") and (value < 0).any():
+            return f"array {name!r} (a BatchNorm variance) holds {int((value < 0).sum())} negative value(s)"
     return None
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 
 from client.app import _reply
@@ -265,3 +267,56 @@ def test_superlink_made_error_reply_is_attributed_to_the_dead_node():
     (failure,) = strategy.failed[1]
     assert failure["node"] == 102 and failure["site"] == "B" and failure["phase"] == "evaluate"
     assert "Node Unavailable" in failure["reason"]
+
+
+def test_negative_batchnorm_variance_is_rejected():
+    """A reply whose BatchNorm running variance has a negative value is rejected (it would make every output NaN)."""
+    reference = {"bn.running_var": (3,), "w": (4,)}
+    good = {"bn.running_var": np.array([0.5, 0.0, 2.0], np.float32), "w": np.zeros(4, np.float32)}
+    bad = dict(good, **{"bn.running_var": np.array([0.5, -0.1, 2.0], np.float32)})
+    assert check_train_reply(_reply_msg(101, "A", good, _metrics()).content, reference) is None
+    reason = check_train_reply(_reply_msg(101, "A", bad, _metrics()).content, reference)
+    assert reason == "array 'bn.running_var' (a BatchNorm variance) holds 1 negative value(s)"
+
+
+def test_server_validation_of_a_poisoned_model_records_nan_instead_of_stopping(tmp_path):
+    """A model with non-finite outputs gets NaN validation figures and an infinite loss (a warning), not an
+    exception; such a round never wins the selection."""
+    from common.config import RunConfig
+    from common.device import runtime
+    from common.learning.model import build_med3d
+    from common.learning.train import validation_metrics
+    from common.runs.rundir import select_round
+
+    try:
+        from data_factory import make_manifest, write_nifti
+    except ImportError:
+        from tests.data_factory import make_manifest, write_nifti
+    rows = make_manifest({(0, "A"): 2, (1, "A"): 2}, visits=(1, 1), seed=0, folder=tmp_path / "images")
+    for i, p in enumerate(rows["path"]):
+        write_nifti(Path(p), shape=(16, 16, 16), seed=i)
+    cfg = RunConfig.from_mapping({"input-shape": "16,16,16", "spacing": "1.0,1.0,1.0", "batch-size": 2, "amp": False})
+    model = build_med3d(depth=10, num_classes=2)
+    with torch.no_grad():
+        model.state_dict()["backbone.bn1.running_var"].fill_(-1.0)  # what a sign-flipped variance does
+    m = validation_metrics(model, rows, cfg, runtime(False), tmp_path / "cache")
+    assert m["loss"] == float("inf") and m["n"] == 4 and all(math.isnan(m[k]) for k in ("auc", "accuracy", "sensitivity"))
+    records = [RoundRecord(round=1, val={"loss": 0.7, "auc": 0.6}), RoundRecord(round=2, val=m)]
+    assert select_round(records) == 1
+
+
+def test_a_run_whose_every_round_is_poisoned_fails_clearly(tmp_path):
+    """Updates were aggregated, but no round's model gave finite validation outputs: failure.json and a
+    RunFailedError that says so, instead of a selection error."""
+    from types import SimpleNamespace
+
+    from common.errors import RunFailedError
+    from common.runs.rundir import RunDir
+    from server.app import FAILURE_FILE, _require_training
+
+    setup = SimpleNamespace(run=RunDir(tmp_path / "run").prepare())
+    records = [RoundRecord(round=r, val={"loss": None}, sites={"A": {keys.NUM_EXAMPLES: 3}}) for r in (1, 2)]
+    with pytest.raises(RunFailedError, match="validation outputs are not finite"):
+        _require_training(setup, records)
+    assert json.loads((tmp_path / "run" / FAILURE_FILE).read_text())["error"] == "no usable round"
+    _require_training(setup, records + [RoundRecord(round=3, val={"loss": 0.6}, sites={"A": {}})])  # one usable round

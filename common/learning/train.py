@@ -7,6 +7,7 @@ samples (``len(dataset)``), never a number of batches.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -24,6 +25,8 @@ from common.config import RunConfig
 from common.device import Runtime
 from common.learning.data import build_dataset, class_counts, class_weights, make_loader
 from common.learning.metrics import MetricUndefinedWarning, binary_metrics
+
+log = logging.getLogger("fedpd.train")
 
 __all__ = ["TrainResult", "EvalResult", "train_local", "predict", "train_loader", "eval_loader", "evaluate_rows",
            "validation_metrics"]
@@ -195,8 +198,18 @@ def validation_metrics(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfi
                        cache_dir: Path) -> dict[str, float]:
     """The threshold-free validation figures of a model on ``rows`` (a round's record, a site's evaluate
     reply): :func:`binary_metrics` plus ``loss``. Undefined figures (a one-class split) are NaN, quietly:
-    NaN is what the record keeps."""
+    NaN is what the record keeps.
+
+    A model whose outputs are not finite (diverged, or poisoned by a harmful update that passed screening)
+    gets every figure NaN and an infinite loss, with a warning, instead of stopping the run: round selection
+    never picks such a round, and the record shows what happened."""
     res = evaluate_rows(model, rows, cfg, rt, cache_dir)
+    bad = ~np.isfinite(res.y_score)
+    if bad.any():
+        log.warning("the model's outputs are not finite on %d of %d validation scan(s) (diverged or poisoned "
+                    "weights): its validation figures are NaN, its loss infinite", int(bad.sum()), len(bad))
+        return {k: float("nan") for k in ("n", "auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity")} \
+            | {"n": len(bad), "loss": float("inf")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricUndefinedWarning)
         return binary_metrics(res.y_true, res.y_score) | {"loss": res.loss}

@@ -75,7 +75,12 @@ def run(arm: str, scheme: str, seed: int, out: Path) -> dict:
     start = time.perf_counter()
     for cmd in cmds:
         print(f"$ {cmd}", flush=True)
-        subprocess.run(cmd, shell=True, check=True, cwd=ROOT, env=os.environ.copy())
+        code = subprocess.run(cmd, shell=True, cwd=ROOT, env=os.environ.copy()).returncode
+        if code != 0:  # a run that fails (e.g. every round poisoned) is a result too: record why
+            failure = run_dir / "failure.json"
+            why = json.loads(failure.read_text())["message"] if failure.is_file() else f"exit code {code}"
+            return {"arm": arm, "scheme": scheme, "seed": seed, "name": arm, "run_config": ARMS[arm], "failed": why,
+                    "seconds": round(time.perf_counter() - start, 1), "command": cmds[-1].replace(str(ROOT) + "/", "")}
     seconds = time.perf_counter() - start
     report = json.loads((run_dir / "report.json").read_text())
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
@@ -101,6 +106,9 @@ def markdown(results: dict) -> str:
              "epsilon (delta) |", "|" + "---|" * 9]
     for key in sorted(results, key=lambda k: (list(ARMS).index(results[k]["arm"]), results[k]["scheme"], results[k]["seed"])):
         r = results[key]
+        if r.get("failed"):
+            lines.append(f"| {r['name']} | {r['scheme']} | {r['seed']} | run failed: {r['failed'][:160]} | | | | | |")
+            continue
         eps = (f"{r['privacy']['epsilon']:.1f} ({r['privacy']['delta']:g})" if r.get("privacy") else "-")
         mb = f"{r['site_bytes_per_round'] / 1e6:.1f} MB" if r.get("site_bytes_per_round") else "n/a"
         lines.append(f"| {r['name']} | {r['scheme']} | {r['seed']} | {_ci(r['test_auc'])} | {_ci(r['balanced_accuracy'])} | "

@@ -83,7 +83,8 @@ def _setup(msg: Message, context: Context):
     load_state_numpy(model, arrays, keys=exchanged_keys(model, cfg.statistics_shared))
     if cfg.strategy == "fedbn" and FEDBN_STATE in context.state:
         # the global model's BatchNorm (the sites' average) is replaced by this site's own, from its last round
-        model.load_state_dict(context.state[FEDBN_STATE].to_torch_state_dict(), strict=False)
+        # strict on exactly the BatchNorm keys (load_state_numpy refuses a missing or extra key)
+        load_state_numpy(model, context.state[FEDBN_STATE].to_torch_state_dict(), keys=batchnorm_keys(model))
     g = int(config.get(keys.GLOBAL_ROUND, config.get(keys.SERVER_ROUND, 1)))
     return cfg, site, rt, model, g, config, legacy
 

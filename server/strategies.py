@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.common import log
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
@@ -52,8 +52,14 @@ class _StatisticsAveraged:
         stepped, metrics = super().aggregate_train(server_round, replies)
         if stepped is None or not self.statistics_keys:
             return stepped, metrics
-        averaged, _ = FedAvg.aggregate_train(self, server_round, replies)
-        return ArrayRecord({k: (averaged[k] if k in self.statistics_keys else v) for k, v in stepped.items()}), metrics
+        # the weighted mean of the statistics only (FedAvg's rule), not a second average of every parameter
+        usable = [r for r in replies if not r.has_error()]
+        weights = np.array([float(next(iter(r.content.metric_records.values()))[self.weighted_by_key]) for r in usable])
+        weights /= weights.sum()
+        arrays = [next(iter(r.content.array_records.values())) for r in usable]
+        averaged = {k: Array(np.asarray(sum(w * a[k].numpy() for w, a in zip(weights, arrays)))) for k in self.statistics_keys
+                    if k in stepped}
+        return ArrayRecord({k: averaged.get(k, v) for k, v in stepped.items()}), metrics
 
 
 class FedpdFedAdam(_StatisticsAveraged, FedAdam):

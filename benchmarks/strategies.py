@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -70,6 +71,8 @@ def run(arm: str, scheme: str, seed: int, out: Path) -> dict:
     run_dir = out / "strategies" / name
     audit = out / "strategies" / f"{name}.audit.jsonl"
     audit.unlink(missing_ok=True)
+    if run_dir.exists():  # a run of this arm the store does not hold (interrupted, or the store was reset): start over
+        shutil.rmtree(run_dir)
     rc = f"{DEMO_RUN_CONFIG} num-server-rounds={ROUNDS} seed={seed} {ARMS[arm]}"
     cmds.append(f"FEDPD_AUDIT_LOG={audit} {FEDPD} simulate --partition {part} --out {run_dir} --run-config {shlex.quote(rc)}")
     start = time.perf_counter()
@@ -123,6 +126,7 @@ def main() -> int:
     p.add_argument("--schemes", nargs="*", default=["natural", "dirichlet"], choices=["natural", "dirichlet"])
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
     p.add_argument("--markdown", action="store_true", help="print the table from the results so far, run nothing")
+    p.add_argument("--retry-failed", action="store_true", help="run again the arms whose stored result is a failure")
     a = p.parse_args()
     out = a.out.resolve()
     store = out / "strategies.json"
@@ -135,7 +139,7 @@ def main() -> int:
         for scheme in a.schemes:
             for arm in a.arms:
                 key = f"{arm}-{scheme}-seed{seed}"
-                if key in results:
+                if key in results and not (a.retry_failed and results[key].get("failed")):
                     print(f"{key}: done already ({store})")
                     continue
                 results[key] = run(arm, scheme, seed, out)

@@ -363,6 +363,19 @@ def test_fedtrimmedavg_cuts_trim_beta_at_each_end_per_coordinate():
     np.testing.assert_allclose(arrays["w"].numpy(), [3.0, 6.0], rtol=1e-6)
 
 
+def test_fedtrimmedavg_of_three_sites_is_their_median():
+    """With 3 sites, trim-beta 0.34 cuts one site per end and coordinate: the mean of what is left is the
+    median, so FedTrimmedAvg and FedMedian give the same model (the 3-site robustness experiment runs one)."""
+    rng = np.random.default_rng(1)
+    values = [rng.standard_normal(200) * s for s in (1.0, 3.0, 10.0)]
+    out = {}
+    for strategy in ("fedmedian", "fedtrimmedavg"):
+        built = build_strategy(_cfg(strategy=strategy, trim_beta=0.34), round_offset=0, statistics_keys=())
+        out[strategy], _ = _aggregate(built, 1, _vector_replies(values, ns=[10, 30, 60]), {"w": values[0]})
+    np.testing.assert_allclose(out["fedtrimmedavg"]["w"].numpy(), out["fedmedian"]["w"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out["fedmedian"]["w"].numpy(), np.median(values, axis=0).astype(np.float32), rtol=1e-6)
+
+
 def test_krum_picks_one_honest_update():
     """krum with byzantine-sites 1 returns exactly one of the clustered updates, never the distant one."""
     honest = [np.array([1.0, 1.0, 1.0]), np.array([1.1, 0.9, 1.0]), np.array([0.9, 1.0, 1.1]),

@@ -1,5 +1,6 @@
 """Every strategy, privacy and robustness option through a real Flower simulation (`fedpd simulate`, one
-round at 16^3 on the 3-site phantom cohort of deploy_helpers.make_cohort).
+round at 16^3 on the 3-site phantom cohort of deploy_helpers.make_cohort). The simulations run in the
+background, a few at a time (``_Simulations``); each test checks its own.
 
 Options that go together share a run (fedprox with client-side DP clipping, fedbn with server-side DP
 clipping): each run checks what its options promise in rounds.jsonl, the checkpoint, report.json and the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,58 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("cohort")) / "partition"
+
+
+# One simulation per option set: name -> (run-config beyond SMALL, rounds). The attacker is the first site.
+RUNS = {
+    "fedprox-client-fixed": ("strategy='fedprox' proximal-mu=0.1 dp='client-fixed' clipping-norm=0.5 noise-multiplier=0.5", 1),
+    "fedbn-server-fixed": ("strategy='fedbn' dp='server-fixed' clipping-norm=1.0 noise-multiplier=1.0", 2),
+    "client-adaptive": ("dp='client-adaptive' clipping-norm=0.5 noise-multiplier=0.5", 1),
+    "fedmedian": ("strategy='fedmedian' attack='sign-flip' attack-factor=10.0 attack-site='{attacker}'", 1),
+    "fedtrimmedavg": ("strategy='fedtrimmedavg' trim-beta=0.34", 1),
+    "krum": ("strategy='krum' byzantine-sites=1 attack='scale' attack-factor=10.0 attack-site='{attacker}'", 1),
+    "secagg": ("secure-aggregation=true", 1),
+}
+PARALLEL = 3  # simulations at a time: each mostly waits on Flower's polling and process starts (BENCHMARKS.md)
+
+
+def _run_name(item) -> str | None:
+    """The RUNS entry a collected test of this module reads."""
+    params = getattr(item, "callspec", None)
+    if params is not None and "strategy" in params.params:
+        return params.params["strategy"]
+    return {"test_fedprox_with_client_side_dp_clipping": "fedprox-client-fixed",
+            "test_fedbn_with_server_side_dp_clipping": "fedbn-server-fixed",
+            "test_fedavg_with_adaptive_client_clipping": "client-adaptive",
+            "test_secure_aggregation_simulation": "secagg"}.get(item.originalname)
+
+
+class _Simulations:
+    """The selected tests' simulations, started in test order, ``PARALLEL`` at a time, in the background: each
+    test waits only for its own run, so a test's time (and its timeout) covers one simulation, not the lot."""
+
+    def __init__(self, cohort: Path, root: Path, names: list[str]):
+        attacker, self.root = _sites(cohort)[0], root
+        self.pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="simulate")
+        self.futures = {}
+        for name in names:
+            extra, rounds_ = RUNS[name]
+            self.futures[name] = self.pool.submit(_simulate, cohort, root / name, extra.format(attacker=attacker), rounds_)
+
+    def get(self, name: str) -> tuple[str, list[dict], dict, dict]:
+        return self.futures[name].result()
+
+    def out(self, name: str) -> Path:
+        return self.root / name
+
+
+@pytest.fixture(scope="module")
+def runs(request, cohort, tmp_path_factory):
+    names = [n for n in dict.fromkeys(_run_name(item) for item in request.session.items
+                                      if item.path == request.path) if n]
+    sims = _Simulations(cohort, tmp_path_factory.mktemp("runs"), names)
+    yield sims
+    sims.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _simulate(cohort: Path, out: Path, extra: str, rounds_: int = 1) -> tuple[str, list[dict], dict, dict]:
@@ -71,28 +125,26 @@ def _privacy_recorded(text: str, recs: list[dict], report: dict, releases: int) 
     return spent
 
 
-def test_fedprox_with_client_side_dp_clipping(cohort, tmp_path):
+def test_fedprox_with_client_side_dp_clipping(cohort, runs):
     """fedprox + dp=client-fixed: the sites clip (Flower's fixedclipping_mod), the server noises; epsilon is in
     rounds.jsonl, the report and on the console; BatchNorm statistics stay as initialised."""
-    text, recs, report, ckpt = _simulate(cohort, tmp_path / "run", "strategy='fedprox' proximal-mu=0.1 "
-                                         "dp='client-fixed' clipping-norm=0.5 noise-multiplier=0.5")
+    text, recs, report, ckpt = runs.get("fedprox-client-fixed")
     assert report["arm"] == "fedprox+dp:client-fixed (random init)"
     assert sorted(recs[0]["sites"]) == _sites(cohort) and recs[0]["rejected"] == []
     assert all(s["unit-weight"] == 1 for s in recs[0]["sites"].values())  # every site weighs the same
     assert text.count("fixedclipping_mod: parameters are clipped by value: 0.5000") == 3  # each site clipped
     spent = _privacy_recorded(text, recs, report, releases=1)
     assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] == 0.5
-    html = (tmp_path / "run" / "report.html").read_text()
+    html = (runs.out("fedprox-client-fixed") / "report.html").read_text()
     assert "privacy: epsilon" in html and f"{spent['epsilon']:.2f} (delta 1e-05)" in html  # the comparison table
     _statistics_untouched(ckpt)
     assert ckpt["strategy"]["name"] == "fedprox" and ckpt["strategy"]["dp"] == "client-fixed"
     assert ckpt["strategy"]["state"]["accountant"]["compositions"]  # the ledger travels with the checkpoint
 
 
-def test_fedbn_with_server_side_dp_clipping(cohort, tmp_path):
+def test_fedbn_with_server_side_dp_clipping(cohort, runs):
     """fedbn + dp=server-fixed, 2 rounds: the server clips and noises; the ledger counts 2 releases."""
-    text, recs, report, ckpt = _simulate(cohort, tmp_path / "run", "strategy='fedbn' dp='server-fixed' "
-                                         "clipping-norm=1.0 noise-multiplier=1.0", rounds_=2)
+    text, recs, report, ckpt = runs.get("fedbn-server-fixed")
     assert report["arm"] == "fedbn+dp:server-fixed (random init)"
     assert all(sorted(r["sites"]) == _sites(cohort) for r in recs)
     first = recs[0]["privacy"]
@@ -102,29 +154,22 @@ def test_fedbn_with_server_side_dp_clipping(cohort, tmp_path):
     _statistics_untouched(ckpt)
 
 
-def test_fedavg_with_adaptive_client_clipping(cohort, tmp_path):
+def test_fedavg_with_adaptive_client_clipping(runs):
     """dp=client-adaptive: Flower's adaptiveclipping_mod at the sites; the clipping norm adapts after the round
     and the round is composed into the ledger."""
-    text, recs, report, _ = _simulate(cohort, tmp_path / "run", "dp='client-adaptive' clipping-norm=0.5 "
-                                      "noise-multiplier=0.5")
+    text, recs, report, _ = runs.get("client-adaptive")
     assert "adaptiveclipping_mod" in text
     spent = _privacy_recorded(text, recs, report, releases=1)
     assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] != 0.5  # adapted from the initial norm
     assert all("norm_bit" in s for s in recs[0]["sites"].values())
 
 
-@pytest.mark.parametrize("strategy, extra", [
-    ("fedmedian", "attack='sign-flip' attack-factor=10.0"),
-    ("fedtrimmedavg", "trim-beta=0.34"),
-    ("krum", "byzantine-sites=1 attack='scale' attack-factor=10.0"),
-])
-def test_robust_aggregation_runs(cohort, tmp_path, strategy, extra):
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_aggregation_runs(cohort, runs, strategy):
     """fedmedian / fedtrimmedavg / krum aggregate a real round (two of them with a simulated attacker, whose
     update passes screening: it is aggregated, not rejected)."""
-    attacker = _sites(cohort)[0]
-    if "attack=" in extra:
-        extra += f" attack-site='{attacker}'"
-    text, recs, report, ckpt = _simulate(cohort, tmp_path / "run", f"strategy='{strategy}' {extra}")
+    attacker, extra = _sites(cohort)[0], RUNS[strategy][0]
+    text, recs, report, ckpt = runs.get(strategy)
     assert report["arm"].startswith(f"{strategy} (random init)")
     assert sorted(recs[0]["sites"]) == _sites(cohort) and recs[0]["rejected"] == []
     if "attack=" in extra:
@@ -134,10 +179,10 @@ def test_robust_aggregation_runs(cohort, tmp_path, strategy, extra):
     assert all(np.isfinite(v.numpy()).all() for v in ckpt["state_dict"].values())
 
 
-def test_secure_aggregation_simulation(cohort, tmp_path):
+def test_secure_aggregation_simulation(cohort, runs):
     """secure-aggregation=true: SecAgg+ rounds in simulation; the sum of the 3 sites is aggregated, the sites'
     metrics are recorded as usual, BatchNorm statistics stay as initialised, the weights moved but stay small."""
-    text, recs, report, ckpt = _simulate(cohort, tmp_path / "run", "secure-aggregation=true")
+    text, recs, report, ckpt = runs.get("secagg")
     assert "round 1: securely aggregated 3 site update(s)" in text
     assert report["arm"] == "fedavg+secagg (random init)"
     assert sorted(recs[0]["sites"]) == _sites(cohort)

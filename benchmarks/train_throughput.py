@@ -39,10 +39,10 @@ def site_rows(root: Path, scans: int, shape: int) -> pd.DataFrame:
 
 
 def torch_loop(model, images, labels, batch_size, lr, rt) -> float:
-    model.to(rt.device).train()
+    rt.place(model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     scaler = rt.grad_scaler()
-    images, labels = images.to(rt.device), labels.to(rt.device)
+    images, labels = rt.inputs(images), labels.to(rt.device)
     start = time.perf_counter()
     for i in range(0, len(labels), batch_size):
         opt.zero_grad(set_to_none=True)

@@ -281,3 +281,59 @@ def test_deterministic_kernels_sets_warn_only_mode_without_importing_inductor():
             "'torch._inductor' in sys.modules, deterministic_kernels(torch.device('meta')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True", "False", "False"]
+
+
+# --- the GPU path's policy (common/device.py), run on CPU: bfloat16 autocast and channels_last_3d ------------
+
+
+def test_bfloat16_channels_last_runtime_trains_and_hands_back_standard_layout():
+    """The CUDA policy (bfloat16 autocast, no gradient scaler, channels_last_3d model and batches), exercised
+    on CPU, where torch has the same bfloat16 autocast and memory formats: training and prediction run, the
+    loss is finite, and the weights come back in the standard layout (state_dict, ArrayRecord, checkpoint)."""
+    from common.device import amp_dtype_for, runtime
+
+    bf16 = Runtime(device=torch.device("cpu"), amp=True, amp_dtype=torch.bfloat16, channels_last=True)
+    assert not bf16.grad_scaler().is_enabled()  # bfloat16 needs no loss scaling
+    assert Runtime(device=torch.device("cpu"), amp=True, amp_dtype=torch.float16).grad_scaler().is_enabled()  # float16 does
+    assert bf16.inputs(torch.randn(2, 3, 4, 4, 4)).is_contiguous(memory_format=torch.channels_last_3d)
+    assert bf16.memory_format == torch.channels_last_3d and "AMP bfloat16, channels_last_3d" in bf16.describe()
+    assert amp_dtype_for(torch.device("cpu")) == torch.float16  # bfloat16 only on a CUDA device that supports it
+    plain = runtime(requested="cpu")  # the CPU policy: float32, standard layout
+    assert (plain.amp, plain.channels_last, plain.describe()) == (False, False, "cpu (float32)")
+
+    torch.manual_seed(0)
+    model = build_med3d(depth=10, num_classes=2)
+    gen = torch.Generator().manual_seed(0)
+    ds = DictDataset(torch.randn(4, 1, 16, 16, 16, generator=gen), [0, 1, 0, 1])
+    loader = DataLoader(ds, batch_size=2)
+    seen = []
+    hook = model.backbone.layer1[0].conv1.register_forward_pre_hook(
+        lambda m, args: seen.append(m.weight.is_contiguous(memory_format=torch.channels_last_3d)))
+    res = train_local(model, loader, epochs=1, lr=1e-3, weight_decay=0.0, rt=bf16)
+    hook.remove()
+    assert seen == [True, True]  # the 64-channel weights were channels_last_3d while training (and the batches:
+    # Runtime.inputs; on CPU, unlike cuDNN, torch may hand activations on in the standard layout)
+    assert math.isfinite(res.loss) and res.samples_seen == 4
+    assert model.backbone.layer1[0].conv1.weight.is_contiguous()  # back to the standard layout after training
+    out = predict(model, loader, bf16)
+    assert np.isfinite(out.y_score).all() and len(out.y_score) == 4
+    assert model.backbone.layer1[0].conv1.weight.is_contiguous()
+    assert all(a.flags["C_CONTIGUOUS"] for a in state_dict_numpy(model).values())
+
+
+def test_gpu_benchmark_script_runs_on_cpu_and_refuses_without_cuda_by_default():
+    """benchmarks/gpu.py (the CUDA figures for BENCHMARKS.md) keeps working: a 16^3 smoke run on CPU prints its
+    table; without CUDA and without --device cpu it says the GPU path is unverified and exits 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shape", "16", "--depths", "10",
+                          "--warmup", "1", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| resnet_10 |")]
+    assert len(rows) == 2 and float(rows[0].split("|")[3]) > 0, run.stdout
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "unverified" in refused.stderr

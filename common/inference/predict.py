@@ -264,8 +264,8 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
         raise DataError(f"{scan_path}: {problem}")
     image = preprocess_scan(scan_path, pred.cfg.input_shape, pred.cfg.spacing)
     rt = rt or runtime(amp=False)
-    x = image.as_tensor()[None].to(rt.device)
-    model = pred.model.to(rt.device).eval()
+    x = rt.inputs(image.as_tensor()[None])
+    model = rt.place(pred.model).eval()
     with torch.no_grad():
         prob = float(torch.softmax(model(x).float(), dim=1)[0, 1].cpu())
     if not math.isfinite(prob):

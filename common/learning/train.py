@@ -55,9 +55,9 @@ class EvalResult:
     loss: float  # mean cross-entropy per sample
 
 
-def _batch(batch, device):
-    images = batch["image"].to(device, non_blocking=True)
-    labels = torch.as_tensor(batch["label"]).long().to(device, non_blocking=True)
+def _batch(batch, rt: Runtime):
+    images = rt.inputs(batch["image"])
+    labels = torch.as_tensor(batch["label"]).long().to(rt.device, non_blocking=True)
     return images, labels
 
 
@@ -99,7 +99,7 @@ def train_local(
     Raises:
         FloatingPointError: the loss became NaN/Inf (the update would poison the federation).
     """
-    model.to(rt.device).train()
+    rt.place(model).train()
     if freeze_statistics:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -117,7 +117,7 @@ def train_local(
 
             batches = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
         for batch in batches:
-            images, labels = _batch(batch, rt.device)
+            images, labels = _batch(batch, rt)
             optimizer.zero_grad(set_to_none=True)
             with rt.autocast():
                 logits = model(images)
@@ -140,6 +140,8 @@ def train_local(
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     seconds = time.perf_counter() - start
+    if rt.channels_last:  # hand the weights on (state_dict, ArrayRecord, checkpoint) in the standard layout
+        model.to(memory_format=torch.contiguous_format)
     n = len(loader.dataset) if num_examples is None else num_examples  # type: ignore[arg-type]
     return TrainResult(loss=total_loss / seen if seen else math.nan, num_examples=int(n), samples_seen=seen, seconds=seconds)
 
@@ -147,10 +149,10 @@ def train_local(
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, rt: Runtime) -> EvalResult:
     """PD probabilities (softmax class 1) for every sample of ``loader``, in loader order."""
-    model.to(rt.device).eval()
+    rt.place(model).eval()
     scores, labels, total_loss = [], [], 0.0
     for batch in loader:
-        images, y = _batch(batch, rt.device)
+        images, y = _batch(batch, rt)
         with rt.autocast():
             logits = model(images)
         logits = logits.float()
@@ -159,6 +161,8 @@ def predict(model: nn.Module, loader: DataLoader, rt: Runtime) -> EvalResult:
         labels.append(y.cpu())
     if not scores:
         return EvalResult(np.zeros(0, dtype=np.int64), np.zeros(0), math.nan)
+    if rt.channels_last:
+        model.to(memory_format=torch.contiguous_format)
     y_true = torch.cat(labels).numpy().astype(np.int64)
     return EvalResult(y_true=y_true, y_score=torch.cat(scores).numpy().astype(np.float64), loss=total_loss / len(y_true))
 

@@ -119,6 +119,25 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict) -> str:
+    """One row per (arm, partition) over its seeds: each seed's test AUC, their mean, and how many seeds' CIs
+    lie above 0.5 (a claim that an arm learns rests on 3 seeds)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results.values():
+        groups.setdefault((r["arm"], r["scheme"]), []).append(r)
+    lines = ["| arm | partition | seeds | test AUC per seed | mean | seeds with CI above 0.5 |", "|" + "---|" * 6]
+    for (arm, scheme), rs in sorted(groups.items(), key=lambda kv: (list(ARMS).index(kv[0][0]), kv[0][1])):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        aucs = [None if r.get("failed") else r["test_auc"].get("value") for r in rs]
+        shown = ", ".join("failed" if a is None else f"{a:.2f}" for a in aucs)
+        ok = [a for a in aucs if a is not None and a == a]
+        mean = f"{sum(ok) / len(ok):.2f}" if ok else "n/a"
+        above = sum(1 for r in rs if not r.get("failed") and (r["test_auc"].get("ci95") or [0])[0] > 0.5)
+        lines.append(f"| {rs[0]['name']} | {scheme} | {', '.join(str(r['seed']) for r in rs)} | {shown} | {mean} | "
+                     f"{above} of {len(rs)} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
@@ -133,6 +152,8 @@ def main() -> int:
     results = json.loads(store.read_text()) if store.exists() else {}
     if a.markdown:
         print(markdown(results))
+        print()
+        print(summary(results))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     for seed in a.seeds:

@@ -48,6 +48,10 @@ HEARTBEAT_EXPIRY = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 # round-timeout of these runs: a ceiling no healthy site on a busy machine reaches (a timed-out healthy site
 # would fail the assertions). It is never what ends a round here: replies or the heartbeat expiry come first.
 ROUND_TIMEOUT = RUN_LIMIT
+# pytest-timeout's ceiling for these multi-round deployments. Their own waits (above) already bound them and
+# name what they waited for; the suite-wide 600 s was below those waits, so on a loaded machine (CI beside a
+# demo-size experiment) the SecAgg+ test was cut at 600 s in round 2 while it was still progressing.
+DEPLOYMENT_TIMEOUT = 1800
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +65,7 @@ def _flwr_run_background(home: Path, run_config: Path, log: Path) -> subprocess.
                                 stdout=fh, stderr=subprocess.STDOUT, env=flwr_env(home), cwd=APP_DIR)
 
 
+@pytest.mark.timeout(DEPLOYMENT_TIMEOUT)
 def test_site_killed_mid_round_then_superlink_killed_and_resumed(partition, tmp_path):
     """3 sites, 3 rounds, min-nodes=2. A SuperNode is SIGKILLed while it trains in round 2; the SuperLink and
     its ServerApp are SIGKILLed once round 2 is checkpointed, restarted on the same port and --database, and
@@ -165,6 +170,7 @@ def test_site_killed_mid_round_then_superlink_killed_and_resumed(partition, tmp_
     assert all(p.popen.poll() is not None for p in procs)  # stop() ended every process it was given
 
 
+@pytest.mark.timeout(DEPLOYMENT_TIMEOUT)
 def test_secure_aggregation_deployment_with_a_site_dropping_out_mid_round(partition, tmp_path):
     """secure-aggregation=true on 3 real SuperNodes, 2 rounds, min-nodes=2. Round 1: SecAgg+ sums all 3 sites.
     Round 2: one SuperNode is SIGKILLed while it trains (the third stage of the protocol, after it shared its

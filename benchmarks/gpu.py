@@ -34,12 +34,6 @@ from common.device import Runtime, runtime  # noqa: E402
 from common.learning.model import build_med3d  # noqa: E402
 
 
-def policy(rt: Runtime) -> str:
-    if not rt.amp:
-        return "float32" + (", channels_last_3d" if rt.channels_last else "")
-    return f"AMP {str(rt.amp_dtype).removeprefix('torch.')}" + (", channels_last_3d" if rt.channels_last else "")
-
-
 def measure(depth: int, rt: Runtime, shape: int, batch: int, warmup: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = rt.place(build_med3d(depth=depth, num_classes=2)).train()
@@ -95,7 +89,7 @@ def main() -> int:
     for depth in a.depths:
         base = measure(depth, fp32, a.shape, a.batch_size, a.warmup, a.steps)
         mixed = measure(depth, amp, a.shape, a.batch_size, a.warmup, a.steps)
-        for name, rt, r in ((policy(fp32), fp32, base), (policy(amp), amp, mixed)):
+        for name, rt, r in ((fp32.policy, fp32, base), (amp.policy, amp, mixed)):
             ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x speed, {r['peak_gib'] / base['peak_gib']:.2f}x memory" \
                 if rt is amp and base["peak_gib"] == base["peak_gib"] else ""
             print(f"| resnet_{depth} | {name} | {r['samples_per_s']:.2f} | {r['peak_gib']:.2f} GiB | {ratio} |")

@@ -77,14 +77,17 @@ class Runtime:
         """A batch [N, C, D, H, W] on the device, in the runtime's memory format (asynchronous from pinned memory)."""
         return images.to(self.device, memory_format=self.memory_format, non_blocking=True)
 
+    @property
+    def policy(self) -> str:
+        """Precision and layout, e.g. ``AMP bfloat16, channels_last_3d`` or ``float32``."""
+        precision = f"AMP {str(self.amp_dtype).removeprefix('torch.')}" if self.amp else "float32"
+        return precision + (", channels_last_3d" if self.channels_last else "")
+
     def describe(self) -> str:
         """One line for logs, e.g. ``cuda:0 (NVIDIA H100, AMP bfloat16, channels_last_3d)`` or ``cpu (float32)``."""
-        precision = f"AMP {str(self.amp_dtype).removeprefix('torch.')}" if self.amp else "float32"
-        layout = ", channels_last_3d" if self.channels_last else ""
         if self.device.type == "cuda":
-            name = torch.cuda.get_device_name(self.device)
-            return f"{self.device} ({name}, {precision}{layout})"
-        return f"{self.device} ({precision}{layout})"
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)}, {self.policy})"
+        return f"{self.device} ({self.policy})"
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype:

@@ -5,6 +5,7 @@ Handlers unpack the message, call ``common/`` and pack the reply; nothing per-sa
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from logging import INFO, WARNING
 
@@ -25,12 +26,14 @@ from client.site import resolve_site
 from common import keys
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.device import deterministic_kernels, runtime
+from common.device import deterministic_kernels, process_age, runtime
 from common.learning.model import batchnorm_keys, exchanged_keys, load_state_numpy, make_model
 from common.learning.train import train_local, train_loader, validation_metrics
 
 # audit_mod does nothing unless FEDPD_AUDIT_LOG is set on the SuperNode (client/audit.py)
 app = ClientApp(mods=[audit_mod])
+
+_ANSWERED = False  # whether this process already answered a message (simulation actors answer many)
 
 LEGACY_FIT_ARRAYS = "fitins.parameters"  # the weights record of Flower's legacy FitIns (SecAgg+ rounds)
 # context.state record (kept by the SuperNode per run and site between messages) holding the site's own BatchNorm
@@ -69,6 +72,14 @@ def _incoming(msg: Message, model) -> tuple[dict, dict, bool]:
                              f"{len(names)}; run the same fedpd version and model-depth on server and sites")
         return dict(zip(names, values)), dict(fitins.config), True
     return msg.content[keys.ARRAYS].to_torch_state_dict(), dict(msg.content[keys.CONFIG]), False
+
+
+def _startup_seconds() -> float:
+    """``startup-seconds`` of this message: the process's age for its first message (0.0 when unknown, off
+    Linux), 0.0 for every later one (the imports were paid already)."""
+    global _ANSWERED
+    first, _ANSWERED = not _ANSWERED, True
+    return float(process_age() or 0.0) if first else 0.0
 
 
 def _setup(msg: Message, context: Context):
@@ -151,6 +162,7 @@ def _secure_reply(msg: Message, site, metrics: dict, arrays: list) -> Message:
 @app.train(mods=[secure_aggregation_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune on this site's ``train`` rows for ``local-epochs``; reply weights + counts + loss."""
+    startup, entered = _startup_seconds(), time.monotonic()
     cfg, site, rt, model, g, config, legacy = _setup(msg, context)
     rows = site.rows("train")
     seed = cfg.seed + 1000 * site.index + g  # new augmentation/sampler draws every round, reproducible
@@ -158,6 +170,7 @@ def train(msg: Message, context: Context) -> Message:
     attacker = _attacker(cfg, site, context)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if attacker else None
     loader, counts, weights = train_loader(rows, cfg, site.cache_dir, seed)
+    setup = time.monotonic() - entered
     result = train_local(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          rt=rt, class_weights=weights, num_examples=len(rows),
                          proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
@@ -169,6 +182,8 @@ def train(msg: Message, context: Context) -> Message:
         keys.SAMPLES_PER_SECOND: result.samples_per_second,
         keys.class_count_key(0): int(counts.get(0, 0)),
         keys.class_count_key(1): int(counts.get(1, 0)),
+        keys.STARTUP_SECONDS: startup,
+        keys.SETUP_SECONDS: setup,
     }
     # the one console line per site and round (evaluation adds none; its numbers reach the server's log)
     log(INFO, "site %s, round %d: trained on %d scans (%d control, %d PD), loss %.4f, %.1f s", site.name, g,
@@ -190,11 +205,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Aggregate metrics of the global model on this site's ``val`` rows (no per-sample output)."""
+    startup, entered = _startup_seconds(), time.monotonic()
     cfg, site, rt, model, *_ = _setup(msg, context)
     rows = site.rows("val")
+    setup = time.monotonic() - entered
+    timings = {keys.STARTUP_SECONDS: startup, keys.SETUP_SECONDS: setup}
     if rows.empty:
-        return _reply(msg, site, {keys.NUM_EXAMPLES: 0, **{keys.eval_key(m): float("nan") for m in keys.EVAL_METRICS}},
-                      dp=cfg.dp)
+        return _reply(msg, site, {keys.NUM_EXAMPLES: 0, **{keys.eval_key(m): float("nan") for m in keys.EVAL_METRICS},
+                                  **timings, keys.EVAL_SECONDS: 0.0}, dp=cfg.dp)
     m = validation_metrics(model, rows, cfg, rt, site.cache_dir)  # a one-class val split: NaN figures
-    return _reply(msg, site, {keys.NUM_EXAMPLES: int(m["n"]), **{keys.eval_key(k): float(m[k]) for k in keys.EVAL_METRICS}},
-                  dp=cfg.dp)
+    return _reply(msg, site, {keys.NUM_EXAMPLES: int(m["n"]), **{keys.eval_key(k): float(m[k]) for k in keys.EVAL_METRICS},
+                              **timings, keys.EVAL_SECONDS: time.monotonic() - entered - setup}, dp=cfg.dp)

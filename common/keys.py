@@ -7,7 +7,8 @@ under ``METRICS``, and its site name under ``SITE``. Nothing per-sample has a ke
 
 __all__ = [
     "ARRAYS", "CONFIG", "METRICS", "SITE", "SITE_NAME", "QC_KEPT", "QC_EXCLUDED",
-    "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND",
+    "SERVER_ROUND", "NUM_EXAMPLES", "TRAIN_LOSS", "TRAIN_SECONDS", "SAMPLES_PER_SECOND", "STARTUP_SECONDS",
+    "SETUP_SECONDS", "EVAL_SECONDS", "TIMING_KEYS",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
     "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "ATTACKS", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
@@ -63,6 +64,13 @@ NUM_EXAMPLES = "num-examples"  # training samples (len(dataset)), the FedAvg wei
 TRAIN_LOSS = "train-loss"  # mean cross-entropy per sample over the local epochs
 TRAIN_SECONDS = "train-seconds"
 SAMPLES_PER_SECOND = "samples-per-second"
+# where a site's message time goes besides its training or validation loop (train and evaluate replies): the
+# process's start-up before the handler ran (interpreter, Flower, torch/MONAI/fedpd imports, message pull;
+# 0 for a process that already answered a message, as simulation actors do) and the handler's own set-up
+# (config, model build, loading the weights, opening the manifest and the cache)
+STARTUP_SECONDS = "startup-seconds"
+SETUP_SECONDS = "setup-seconds"
+EVAL_SECONDS = "eval-seconds"  # evaluate replies: the validation loop
 # DP runs only, in train and evaluate replies: 1, the site's weight in the average (Flower's privacy accounting
 # needs every site weighted equally); num-examples stays the count of samples
 UNIT_WEIGHT = "unit-weight"
@@ -76,7 +84,10 @@ def class_count_key(label: int) -> str:
     return f"{CLASS_COUNT_PREFIX}{int(label)}"
 
 
-TRAIN_METRIC_KEYS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, SAMPLES_PER_SECOND, class_count_key(0), class_count_key(1))
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, SAMPLES_PER_SECOND, class_count_key(0), class_count_key(1),
+                     STARTUP_SECONDS, SETUP_SECONDS)
+# timings a site reports (per site in rounds.jsonl; never averaged into the round's figures)
+TIMING_KEYS = (TRAIN_SECONDS, SAMPLES_PER_SECOND, STARTUP_SECONDS, SETUP_SECONDS, EVAL_SECONDS)
 
 # MetricRecord keys of an evaluate reply: "val-<metric>" for aggregate metrics on local val rows
 EVAL_PREFIX = "val-"

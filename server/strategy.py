@@ -40,7 +40,8 @@ __all__ = ["RecordingStrategy", "RecordingFedAvg", "check_train_metrics", "check
 # (all of PPMI holds a few thousand T1 scans) and still stops absurd weights such as 10^12.
 MAX_NUM_EXAMPLES = 100_000
 
-EVALUATE_METRIC_KEYS = (keys.NUM_EXAMPLES, *(keys.eval_key(m) for m in keys.EVAL_METRICS))
+EVALUATE_METRIC_KEYS = (keys.NUM_EXAMPLES, *(keys.eval_key(m) for m in keys.EVAL_METRICS), keys.STARTUP_SECONDS,
+                        keys.SETUP_SECONDS, keys.EVAL_SECONDS)
 _EVAL_COUNT = keys.eval_key("n")  # a site's number of val scans: summed over sites, not averaged
 
 
@@ -243,6 +244,7 @@ def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecor
     A site whose validation rows hold one class only has no AUC (NaN); FedAvg's default average would
     turn the federation's value into NaN. Here such a site is left out of that metric's average. The
     weighting key and ``val-n`` are counts of scans: they are summed (a mean of counts means nothing).
+    The sites' timings stay per site (``rounds.jsonl``), out of the round's figures.
     """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
@@ -251,7 +253,8 @@ def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecor
         metrics = _metrics_of(record)
         w = float(metrics[weighting_key])
         for key, value in metrics.items():
-            if key == weighting_key or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (key == weighting_key or key in keys.TIMING_KEYS or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
                 continue
             if key == _EVAL_COUNT:
                 counts[key] = counts.get(key, 0.0) + float(value)

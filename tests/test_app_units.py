@@ -72,6 +72,7 @@ def instruction(node_id: int, content: RecordDict, message_type: str = "train") 
 
 def site_metrics(n: int, loss: float) -> dict:
     return {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: loss, keys.TRAIN_SECONDS: 1.0, keys.SAMPLES_PER_SECOND: n / 1.0,
+            keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5,
             keys.class_count_key(0): n // 5, keys.class_count_key(1): n - n // 5}
 
 
@@ -168,7 +169,8 @@ def test_recording_fedavg_evaluate_uses_nan_aware_mean():
     for node, n, auc in ((101, 10, float("nan")), (102, 30, 0.6), (103, 60, 0.9)):
         ins = instruction(node, RecordDict({keys.CONFIG: ConfigRecord({})}), message_type="evaluate")
         site = Site(name=f"S{node}", index=0, manifest=Path("/x.csv"), cache_dir=Path("/c"))
-        metrics = {keys.NUM_EXAMPLES: n, **{keys.eval_key(m): 0.5 for m in keys.EVAL_METRICS}}
+        metrics = {keys.NUM_EXAMPLES: n, **{keys.eval_key(m): 0.5 for m in keys.EVAL_METRICS},
+               keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5, keys.EVAL_SECONDS: 0.2}
         metrics[keys.eval_key("auc")] = auc
         replies.append(_reply(ins, site, metrics))
     out = strategy.aggregate_evaluate(1, replies)
@@ -417,6 +419,20 @@ def _context(node_config: dict, cfg: RunConfig) -> Context:
     return Context(run_id=1, node_id=101, node_config=node_config, state=State(), run_config=cfg.to_dict())
 
 
+def test_startup_seconds_is_the_process_age_for_its_first_message_only(monkeypatch):
+    """Deployment starts a process per message, so each reply carries the process's start-up (interpreter,
+    Flower, imports); a simulation actor answers many messages and pays it once."""
+    import client.app as client_app
+    from common.device import process_age
+
+    monkeypatch.setattr(client_app, "_ANSWERED", False)
+    age = process_age()
+    assert age is not None and age > 0  # Linux /proc
+    first = client_app._startup_seconds()
+    assert age <= first <= age + 5
+    assert client_app._startup_seconds() == 0.0
+
+
 @pytest.mark.filterwarnings("ignore::common.learning.metrics.MetricUndefinedWarning")  # an untrained model may predict no PD
 def test_client_handlers_reply_with_contract_keys(tmp_path, med3d_state):
     """train: num-examples = number of train rows (samples), all TRAIN_METRIC_KEYS, updated weights.
@@ -435,6 +451,8 @@ def test_client_handlers_reply_with_contract_keys(tmp_path, med3d_state):
     assert metrics[keys.NUM_EXAMPLES] == 3  # train rows, not batches (batch-size 2 -> 2 batches)
     assert metrics[keys.class_count_key(0)] + metrics[keys.class_count_key(1)] == 3
     assert math.isfinite(metrics[keys.TRAIN_LOSS])
+    assert metrics[keys.SETUP_SECONDS] > 0 and metrics[keys.TRAIN_SECONDS] > 0
+    assert metrics[keys.STARTUP_SECONDS] >= 0  # this process may have answered before (0), or not (its age)
     assert reply.content[keys.SITE][keys.SITE_NAME] == "site"
     new = reply.content[keys.ARRAYS]
     assert set(new) == set(med3d_state)
@@ -442,8 +460,11 @@ def test_client_handlers_reply_with_contract_keys(tmp_path, med3d_state):
 
     reply = evaluate(instruction(101, RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({})}), "evaluate"), ctx)
     metrics = reply.content[keys.METRICS]
-    expected_keys = {keys.NUM_EXAMPLES} | {keys.eval_key(m) for m in keys.EVAL_METRICS}
+    expected_keys = ({keys.NUM_EXAMPLES} | {keys.eval_key(m) for m in keys.EVAL_METRICS}
+                     | {keys.STARTUP_SECONDS, keys.SETUP_SECONDS, keys.EVAL_SECONDS})
     assert set(metrics) == expected_keys
+    assert metrics[keys.STARTUP_SECONDS] == 0.0  # the train message above paid this process's start-up
+    assert metrics[keys.SETUP_SECONDS] > 0 and metrics[keys.EVAL_SECONDS] > 0
     assert metrics[keys.NUM_EXAMPLES] == 2  # one control + one PD val scan
     assert 0.0 <= metrics[keys.eval_key("auc")] <= 1.0
     assert keys.ARRAYS not in reply.content  # evaluation sends no weights

@@ -36,7 +36,8 @@ def _instruction() -> Message:
 
 def _handler(msg: Message, context: Context) -> Message:
     """Stands in for the ClientApp's evaluate handler: a reply shaped as client/app.py builds it."""
-    metrics = {keys.NUM_EXAMPLES: 4, **{keys.eval_key(m): 0.5 for m in keys.EVAL_METRICS}, keys.eval_key("auc"): float("nan")}
+    metrics = {keys.NUM_EXAMPLES: 4, **{keys.eval_key(m): 0.5 for m in keys.EVAL_METRICS}, keys.eval_key("auc"): float("nan"),
+               keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5, keys.EVAL_SECONDS: 0.2}
     return Message(RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord({keys.SITE_NAME: "A"})}),
                    reply_to=msg)
 

@@ -91,6 +91,7 @@ def test_centralized_and_local_arms_share_the_test_split(partition, tmp_path):
         assert all("ci95" in v for v in report.test.values())
         rounds = [json.loads(x) for x in (folder / "rounds.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rounds] == [1] and (folder / "model.pt").is_file()
+        assert rounds[0]["val"]["seconds"] > 0  # the validation's time, as in a federated round
         n_train = rounds[0]["num_examples"]
         if arm == "centralized":
             assert n_train == pooled_train

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from common import keys
 from common.runs.rundir import RunDir, git_commit
 from simulation.flower import APP_DIR, BIN, flwr_env, free_port, write_connections, write_run_config
 
@@ -70,6 +71,12 @@ def _check_outputs(out: Path, rounds: int, sites: set[str]):
         assert r["missing_sites"] == []
         assert r["num_examples"] == sum(s["num-examples"] for s in r["sites"].values())
         assert 0.0 <= r["val"]["auc"] <= 1.0
+        # where the round's time went (benchmarks/round_overhead.py): the server's validation, and per site its
+        # process start-up, set-up and loop, in train and evaluate replies
+        assert r["val"]["seconds"] > 0
+        for phase, loop in ((r["sites"], keys.TRAIN_SECONDS), (r["site_eval"], keys.EVAL_SECONDS)):
+            for m in phase.values():
+                assert m[keys.STARTUP_SECONDS] >= 0 and m[keys.SETUP_SECONDS] > 0 and m[loop] >= 0
     for k in range(1, rounds + 1):
         assert (out / "checkpoints" / f"round-{k}.pt").is_file()
     report = json.loads((out / "report.json").read_text())

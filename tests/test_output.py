@@ -61,14 +61,16 @@ def _train_reply(node: int, site: str, n: int) -> Message:
     arrays = ArrayRecord({k: Array((rng.standard_normal(shape) * 10 ** rng.uniform(-3, 3, shape)).astype(np.float32))
                           for k, shape in SHAPES.items()})
     metrics = {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: float(rng.uniform(0.1, 2.0)), keys.TRAIN_SECONDS: 1.5,
-               keys.SAMPLES_PER_SECOND: n / 1.5, keys.class_count_key(0): n // 3, keys.class_count_key(1): n - n // 3}
+               keys.SAMPLES_PER_SECOND: n / 1.5,
+               keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5, keys.class_count_key(0): n // 3, keys.class_count_key(1): n - n // 3}
     s = Site(name=site, index=0, manifest=Path("/x.csv"), cache_dir=Path("/c"))
     return _reply(_instruction(node), s, metrics, arrays)
 
 
 def _eval_reply(node: int, site: str, n: int) -> Message:
     rng = np.random.default_rng(1000 + node)
-    metrics = {keys.NUM_EXAMPLES: n, **{keys.eval_key(m): float(rng.uniform()) for m in keys.EVAL_METRICS}}
+    metrics = {keys.NUM_EXAMPLES: n, **{keys.eval_key(m): float(rng.uniform()) for m in keys.EVAL_METRICS},
+               keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5, keys.EVAL_SECONDS: 0.2}
     metrics[keys.eval_key("n")] = float(n)
     s = Site(name=site, index=0, manifest=Path("/x.csv"), cache_dir=Path("/c"))
     return _reply(_instruction(node, "evaluate"), s, metrics)

@@ -84,6 +84,7 @@ def test_counts_ride_in_the_site_record_and_reach_the_report(tmp_path):
     pre = tmp_path / "preprocessed"
     _qc(pre)
     metrics = {keys.NUM_EXAMPLES: 3, keys.TRAIN_LOSS: 0.5, keys.TRAIN_SECONDS: 1.0, keys.SAMPLES_PER_SECOND: 3.0,
+            keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5,
                keys.class_count_key(0): 1, keys.class_count_key(1): 2}
     arrays = ArrayRecord({"w": Array(pd.Series([1.0, 2.0]).to_numpy())})
     replies = [_reply(_instruction(n), Site(name=s, index=n, manifest=_site_csv(pre, s, [f"{s.lower()}1"]),

@@ -76,6 +76,7 @@ def _instruction(node: int, message_type: str = "train") -> Message:
 
 def _metrics(n: int = 20, loss: float = 0.5) -> dict:
     return {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: loss, keys.TRAIN_SECONDS: 1.0, keys.SAMPLES_PER_SECOND: float(n),
+            keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5,
             keys.class_count_key(0): n // 4, keys.class_count_key(1): n - n // 4}
 
 

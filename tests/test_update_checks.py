@@ -40,6 +40,7 @@ def _arrays(value: float = 1.0) -> dict[str, np.ndarray]:
 
 def _metrics(n: int = 10, loss: float = 0.5) -> dict:
     return {keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: loss, keys.TRAIN_SECONDS: 1.0, keys.SAMPLES_PER_SECOND: float(n),
+            keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5,
             keys.class_count_key(0): n // 5, keys.class_count_key(1): n - n // 5}
 
 
@@ -156,7 +157,8 @@ def test_max_num_examples_is_configurable():
 
 def _eval_reply(node: int, site: str, n, auc: float = 0.5) -> Message:
     s = Site(name=site, index=0, manifest=Path("/x.csv"), cache_dir=Path("/c"))
-    metrics = {keys.NUM_EXAMPLES: n, **{keys.eval_key(m): 0.5 for m in keys.EVAL_METRICS}, keys.eval_key("auc"): auc}
+    metrics = {keys.NUM_EXAMPLES: n, **{keys.eval_key(m): 0.5 for m in keys.EVAL_METRICS}, keys.eval_key("auc"): auc,
+               keys.STARTUP_SECONDS: 3.0, keys.SETUP_SECONDS: 0.5, keys.EVAL_SECONDS: 0.2}
     return _reply(_instruction(node, "evaluate"), s, metrics)
 
 

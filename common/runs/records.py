@@ -38,7 +38,7 @@ class RoundRecord:
     """One line of ``rounds.jsonl``."""
 
     round: int
-    val: dict[str, float | None]  # the round's model on the server's val rows: VAL_METRICS and more
+    val: dict[str, float | None]  # the round's model on the server's val rows: VAL_METRICS and more (``seconds``)
     train_loss: float | None = None  # the sites' training losses weighted by their examples
     num_examples: int = 0  # training examples aggregated this round
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # aggregated site -> its train-reply metrics

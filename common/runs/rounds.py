@@ -37,11 +37,14 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
 
     ``sites`` maps each aggregated site (or the arm) to its train-reply metrics. The record goes first: a
     crash before the checkpoint lands makes resume repeat round ``g`` (its record is truncated away), and
-    never leaves a checkpoint without its record. ``privacy`` (DP runs) goes into the record;
+    never leaves a checkpoint without its record. The record's ``val`` also holds ``seconds``, the time the
+    validation took. ``privacy`` (DP runs) goes into the record;
     ``strategy_state`` (a server optimizer's moments, the privacy ledger: tensors and plain values) into the
     checkpoint, for resume. Returns the record.
     """
+    began = time.monotonic()
     metrics = validation_metrics(model, val_rows, cfg, rt, cache_dir)
+    metrics["seconds"] = time.monotonic() - began  # the server's validation loop (round overhead: benchmarks/)
     total = sum(s.get(keys.NUM_EXAMPLES, 0) for s in sites.values())
     record = RoundRecord(round=g, val=metrics, train_loss=_train_loss(sites, total), num_examples=total, sites=sites,
                          site_eval=site_eval or {}, missing_sites=missing_sites or [], failures=failures or [],

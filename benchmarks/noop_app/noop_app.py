@@ -1,0 +1,63 @@
+"""A Flower app that does nothing but Flower's part of a round: the floor of benchmarks/round_overhead.py.
+
+The ServerApp sends an ArrayRecord of fedpd's exchanged shapes (zeros) to every node in a train and an
+evaluate message per round, with Flower's FedAvg; the ClientApp answers the train message with the arrays
+it got and the evaluate message with a count. Each round's start (``configure_train``) and end (after the
+evaluate replies) go to the run-config's ``out`` JSON file, as fedpd's ``rounds.jsonl`` times its rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+server = ServerApp()
+client = ClientApp()
+
+
+class _Timed(FedAvg):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.started: dict[int, float] = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.started[server_round] = time.time()
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    spec = json.loads(Path(str(rc["shapes"])).read_text())
+    arrays = ArrayRecord(OrderedDict((name, Array(np.zeros(shape, dtype=dtype))) for name, shape, dtype in spec))
+    n = int(rc["min-nodes"])
+    strategy = _Timed(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n,
+                      min_available_nodes=n)
+    rounds: list[dict] = []
+
+    def done(server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            rounds.append({"round": server_round, "start": strategy.started[server_round], "end": time.time()})
+        return None
+
+    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=int(rc["num-server-rounds"]), evaluate_fn=done)
+    Path(str(rc["out"])).write_text(json.dumps(rounds))
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})})
+    return Message(content, reply_to=msg)
+
+
+@client.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)

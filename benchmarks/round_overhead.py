@@ -1,0 +1,217 @@
+"""Round overhead (issue 16 item 1): the part of a round that is neither local training nor evaluation.
+
+Three measurements, one invocation each:
+
+``imports``  Where a fresh ClientApp process's start-up goes: interpreter, Flower's ClientApp modules, torch,
+             MONAI and fedpd's ``client.app``, each imported alone in a fresh interpreter (median of
+             ``--repeats``). In a deployment Flower starts one such process per site message.
+``sim``      A simulation (3 sites by default, 64^3 input): per round, the wall time minus the sites' training
+             loops (``train-seconds``), the sites' validation loops (``eval-seconds``) and the server's
+             validation (``val.seconds``), all from ``rounds.jsonl``. The simulation runs one ClientApp at a
+             time (each gets every core), so these add up; the rest is overhead: each message's set-up
+             (``setup-seconds``: config, model build, weight loading, manifest and cache open), the ClientApp
+             actors' start-up (round 1), and the remainder (serialisation, Flower's message passing,
+             aggregation, screening, the checkpoint). Target: <= 5 % of the round.
+``deploy``   A real deployment on loopback (a SuperLink, one SuperNode per site), in the same invocation: first
+             a no-op Flower app (``benchmarks/noop_app``: model-sized arrays through train and evaluate
+             messages, nothing else) for Flower's floor per round, then fedpd for as many rounds. Overhead
+             above the floor = fedpd's round - the no-op round - (the slowest site's training loop + the
+             slowest site's validation loop + the server's validation): sites train side by side here. Each
+             message's ``startup-seconds`` (process start to the handler: interpreter, Flower, imports) and
+             ``setup-seconds`` show where it goes. Target: <= 2 s.
+
+    .venv/bin/python benchmarks/round_overhead.py imports
+    .venv/bin/python benchmarks/round_overhead.py sim --rounds 3                # 3 sites, 64^3
+    .venv/bin/python benchmarks/round_overhead.py deploy --rounds 3             # 3 SuperNodes, 32^3 input
+
+Results and the commands go into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from common import keys  # noqa: E402
+
+IMPORTS = (
+    ("interpreter", "pass"),
+    ("flwr ClientApp", "import flwr.clientapp, flwr.app"),
+    ("torch", "import torch"),
+    ("monai (with torch)", "import monai"),
+    ("fedpd client.app (all)", "import client.app"),
+)
+
+
+def _median_seconds(code: str, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE.parent)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def imports(a: argparse.Namespace) -> None:
+    print(f"fresh-interpreter import times, median of {a.repeats} ({sys.executable}):")
+    base = None
+    for label, code in IMPORTS:
+        s = _median_seconds(code, a.repeats)
+        base = s if base is None else base
+        print(f"  {label:<24} {s:6.2f} s  ({s - base:+.2f} s over the bare interpreter)")
+
+
+def _cohort(root: Path, subjects: int, sites: int, shape: int) -> Path:
+    from deploy_round import cohort  # benchmarks/deploy_round.py: MNI-space phantom, split, natural partition
+    return cohort(root, subjects, sites, shape)
+
+
+def _overrides(edge: int, batch: int) -> dict:
+    return {"input-shape": f"{edge},{edge},{edge}", "spacing": ",".join([f"{192 / edge:.1f}"] * 3),
+            "batch-size": batch}
+
+
+def _rounds(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _site_sum(rec: dict, part: str, key: str, how=sum) -> float:
+    values = [float(m.get(key, 0.0) or 0.0) for m in rec[part].values()]
+    return how(values) if values else 0.0
+
+
+def sim(a: argparse.Namespace) -> None:
+    from simulation.simulate import simulate
+
+    root = a.out or Path(tempfile.mkdtemp(prefix="fedpd-round-overhead-"))
+    partition = _cohort(root / "cohort", a.subjects, a.sites, a.shape)
+    overrides = _overrides(a.input, a.batch_size) | {"model-depth": a.depth}
+    rc = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
+    started = time.monotonic()
+    simulate(partition, a.rounds, root / "run", run_config=rc, echo=False)
+    total = time.monotonic() - started
+    recs = _rounds(root / "run")
+    print(f"simulation: {a.sites} sites, {a.subjects} subjects, {a.shape}^3 phantom, {a.input}^3 input, batch "
+          f"{a.batch_size}, {a.rounds} round(s), {total:.0f} s from start to report")
+    print(f"  {'round':>5} {'wall s':>7} {'train s':>8} {'site eval s':>11} {'server val s':>12} {'overhead s':>10} "
+          f"{'share':>6} | {'start-up s':>10} {'set-up s':>8} {'rest s':>7}")
+    shares = []
+    for r in recs:
+        train = _site_sum(r, "sites", keys.TRAIN_SECONDS)
+        site_eval = _site_sum(r, "site_eval", keys.EVAL_SECONDS)
+        val = float(r["val"].get("seconds") or 0.0)
+        over = r["wall_seconds"] - train - site_eval - val
+        startup = _site_sum(r, "sites", keys.STARTUP_SECONDS) + _site_sum(r, "site_eval", keys.STARTUP_SECONDS)
+        setup = _site_sum(r, "sites", keys.SETUP_SECONDS) + _site_sum(r, "site_eval", keys.SETUP_SECONDS)
+        share = over / r["wall_seconds"]
+        shares.append(share)
+        print(f"  {r['round']:>5} {r['wall_seconds']:7.1f} {train:8.1f} {site_eval:11.1f} {val:12.1f} {over:10.1f} "
+              f"{100 * share:5.1f}% | {startup:10.1f} {setup:8.1f} {over - startup - setup:7.1f}")
+    if len(shares) > 1:
+        print(f"  overhead share, rounds 2..{len(shares)}: median {100 * statistics.median(shares[1:]):.1f} % "
+              f"(target <= 5 %); round 1 (actor start-up, cache fill): {100 * shares[0]:.1f} %")
+
+
+def _shapes_file(path: Path, depth: int) -> Path:
+    from common.config import RunConfig
+    from common.learning.model import exchanged_keys, make_model
+
+    model = make_model(RunConfig.from_mapping({"model-depth": depth}))
+    state = model.state_dict()
+    spec = [[k, list(state[k].shape), str(state[k].numpy().dtype)] for k in exchanged_keys(model)]
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _flwr_run(app: Path, conn: str, home: Path, rc: Path) -> float:
+    from simulation.flower import BIN, flwr_env
+
+    started = time.monotonic()
+    proc = subprocess.run([str(BIN / "flwr"), "run", str(app), conn, "--stream", "--run-config", str(rc)],
+                          env=flwr_env(home), cwd=app, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"flwr run {app} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def deploy(a: argparse.Namespace) -> None:
+    from simulation.flower import APP_DIR, free_port, start_superlink, start_supernode, stop, write_connections
+    from simulation.flower import write_run_config
+
+    root = a.out or Path(tempfile.mkdtemp(prefix="fedpd-round-overhead-"))
+    partition = _cohort(root / "cohort", a.subjects, a.sites, a.shape)
+    names = sorted(f.stem for f in (partition / "sites").glob("*.csv"))
+    procs = []
+    try:
+        link = start_superlink(root / "link", port=free_port())
+        procs.append(link)
+        for name in names:
+            procs.append(start_supernode(root / f"site-{name}", f"127.0.0.1:{link.port}", name=f"site-{name}",
+                                         node_config=f"data-path='{partition / 'sites' / f'{name}.csv'}' "
+                                                     f"cache-dir='{root / 'cache' / name}'"))
+        home = root / "cli"
+        write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
+        noop_rc = write_run_config(root / "noop.toml", {
+            "num-server-rounds": a.rounds, "min-nodes": len(names), "out": str(root / "noop.json"),
+            "shapes": str(_shapes_file(root / "shapes.json", a.depth))})
+        noop_total = _flwr_run(HERE / "noop_app", "deploy", home, noop_rc)
+        fedpd_rc = write_run_config(root / "fedpd.toml", _overrides(a.input, a.batch_size) | {
+            "num-server-rounds": a.rounds, "min-nodes": len(names), "model-depth": a.depth,
+            "server-manifest": str(partition / "server.csv"), "out-dir": str(root / "run")})
+        fedpd_total = _flwr_run(APP_DIR, "deploy", home, fedpd_rc)
+    finally:
+        for proc in procs:
+            stop(proc)
+    floor = [r["end"] - r["start"] for r in json.loads((root / "noop.json").read_text())]
+    recs = _rounds(root / "run")
+    print(f"deployment on loopback: {len(names)} SuperNodes, {a.subjects} subjects, {a.shape}^3 phantom, {a.input}^3 "
+          f"input, batch {a.batch_size}, resnet_{a.depth}, {a.rounds} round(s); flwr run to exit: no-op app "
+          f"{noop_total:.1f} s, fedpd {fedpd_total:.1f} s")
+    print(f"  {'round':>5} {'fedpd s':>8} {'floor s':>8} {'train s':>8} {'eval s':>7} {'val s':>6} {'above floor s':>13}"
+          f" | per message, slowest site: {'start-up s':>10} {'set-up s':>8}")
+    above = []
+    for r, base in zip(recs, floor):
+        train = _site_sum(r, "sites", keys.TRAIN_SECONDS, max)
+        site_eval = _site_sum(r, "site_eval", keys.EVAL_SECONDS, max)
+        val = float(r["val"].get("seconds") or 0.0)
+        extra = r["wall_seconds"] - base - train - site_eval - val
+        above.append(extra)
+        startup = (_site_sum(r, "sites", keys.STARTUP_SECONDS, max), _site_sum(r, "site_eval", keys.STARTUP_SECONDS, max))
+        setup = (_site_sum(r, "sites", keys.SETUP_SECONDS, max), _site_sum(r, "site_eval", keys.SETUP_SECONDS, max))
+        print(f"  {r['round']:>5} {r['wall_seconds']:8.1f} {base:8.1f} {train:8.1f} {site_eval:7.1f} {val:6.1f} "
+              f"{extra:13.1f} | train {startup[0]:5.1f} / eval {startup[1]:5.1f}   train {setup[0]:4.1f} / eval "
+              f"{setup[1]:4.1f}")
+    if above:
+        print(f"  seconds per round above Flower's floor: median {statistics.median(above):.1f} (target <= 2 s)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    q = sub.add_parser("imports", help="fresh-interpreter import times")
+    q.add_argument("--repeats", type=int, default=5)
+    for name, shape, edge, subjects in (("sim", 64, 64, 60), ("deploy", 32, 32, 30)):
+        q = sub.add_parser(name)
+        q.add_argument("--rounds", type=int, default=3)
+        q.add_argument("--subjects", type=int, default=subjects)
+        q.add_argument("--sites", type=int, default=3)
+        q.add_argument("--shape", type=int, default=shape, help="phantom volume edge (voxels)")
+        q.add_argument("--input", type=int, default=edge, help="network input edge (voxels)")
+        q.add_argument("--batch-size", type=int, default=4)
+        q.add_argument("--depth", type=int, default=10, help="resnet depth")
+        q.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+    a = p.parse_args()
+    {"imports": imports, "sim": sim, "deploy": deploy}[a.what](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,9 +11,9 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod, message_size_mod
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_RECORD
@@ -29,8 +29,10 @@ from common.errors import ConfigError
 from common.device import deterministic_kernels, process_age, runtime
 from common.learning.model import batchnorm_keys, exchanged_keys, load_state_numpy, make_model
 from common.learning.train import train_local, train_loader, validation_metrics
+from common.transport import encode_update, from_wire
 
-# audit_mod does nothing unless FEDPD_AUDIT_LOG is set on the SuperNode (client/audit.py)
+# audit_mod does nothing unless FEDPD_AUDIT_LOG is set on the SuperNode (client/audit.py); size_mod and
+# transport_mod (defined below) nothing unless the run-config asks for them
 app = ClientApp(mods=[audit_mod])
 
 _ANSWERED = False  # whether this process already answered a message (simulation actors answer many)
@@ -46,6 +48,34 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next):
     if SECAGG_RECORD in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+def size_mod(msg: Message, context: Context, call_next):
+    """Flower's ``message_size_mod`` (the size of each message in and out, in the SuperNode's log) when the
+    run-config asks for it (``log-message-size``). Outermost: it sees the messages as they travel."""
+    if RunConfig.from_mapping(context.run_config, defaults={}).log_message_size:
+        return message_size_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _array_record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
+
+
+def transport_mod(msg: Message, context: Context, call_next):
+    """``transport-dtype = 'float16'`` (common/transport.py): the server's float16 weights are widened to
+    float32 before anything else sees them, and a training reply's weights are replaced by the float16 update
+    (trained - received). The DP clipping mod inside it clips the float32 update as in any other run."""
+    if (RunConfig.from_mapping(context.run_config, defaults={}).transport_dtype == "float32"
+            or keys.ARRAYS not in msg.content.array_records):
+        return call_next(msg, context)
+    received = from_wire({k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()})
+    msg.content[keys.ARRAYS] = _array_record(received)
+    reply = call_next(msg, context)
+    if not reply.has_error() and keys.ARRAYS in reply.content.array_records:
+        trained = {k: v.numpy() for k, v in reply.content[keys.ARRAYS].items()}
+        reply.content[keys.ARRAYS] = _array_record(encode_update(trained, received))
+    return reply
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next):
@@ -159,7 +189,7 @@ def _secure_reply(msg: Message, site, metrics: dict, arrays: list) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
-@app.train(mods=[secure_aggregation_mod, dp_clipping_mod])
+@app.train(mods=[size_mod, transport_mod, secure_aggregation_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune on this site's ``train`` rows for ``local-epochs``; reply weights + counts + loss."""
     startup, entered = _startup_seconds(), time.monotonic()
@@ -202,7 +232,7 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, site, metrics, ArrayRecord(OrderedDict((k, state[k]) for k in sent)), dp=cfg.dp)
 
 
-@app.evaluate()
+@app.evaluate(mods=[size_mod, transport_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     """Aggregate metrics of the global model on this site's ``val`` rows (no per-sample output)."""
     startup, entered = _startup_seconds(), time.monotonic()

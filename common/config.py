@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from common.errors import ConfigError
-from common.keys import ATTACKS, CLASS_BALANCING, DP_MODES, MODEL_DEPTHS, STRATEGIES
+from common.keys import ATTACKS, CLASS_BALANCING, DP_MODES, MODEL_DEPTHS, STRATEGIES, TRANSPORT_DTYPES
 
 __all__ = ["RunConfig", "load_defaults", "parse_overrides", "PYPROJECT"]
 
@@ -135,6 +135,9 @@ class RunConfig:
     attack_site: str = key(str, None, "simulation only: the name of the attacking site (a sites/*.csv stem)")
     attack_factor: float = key(float, _at_least(0.0, exclusive=True), "simulation only: how many times the site's "
                                "update the attacker sends")
+    transport_dtype: str = key(str, _choice(TRANSPORT_DTYPES), "how weights travel: float32, or float16 (the server "
+                               "keeps float32 weights; sites send their update in float16)")
+    log_message_size: bool = key(bool, None, "sites log each message's size (Flower's message_size_mod, SuperNode log)")
     fraction_train: float = key(float, _fraction, "share of available sites sampled per round")
     min_nodes: int = key(int, _at_least(1), "sites required to start a round")
     partition_dir: str = key(str, None, "simulation: folder holding sites/*.csv")
@@ -231,6 +234,9 @@ def _combination_problem(cfg: "RunConfig") -> str | None:
     if cfg.secure_aggregation and cfg.dp != "none":
         return ("run-config secure-aggregation = true with dp = " + repr(cfg.dp) + ": not supported together yet; "
                 "choose one (dp = 'none', or secure-aggregation = false)")
+    if cfg.secure_aggregation and cfg.transport_dtype != "float32":
+        return (f"run-config secure-aggregation = true with transport-dtype = {cfg.transport_dtype!r}: SecAgg+ "
+                "quantizes the weights itself (Flower's legacy FitIns); use transport-dtype = 'float32'")
     if cfg.secure_aggregation and cfg.min_nodes < 2:
         return (f"run-config secure-aggregation = true needs min-nodes >= 2 (got {cfg.min_nodes}): a sum over one site "
                 "is that site's update (use 3 or more: with two, each site can derive the other's update from the "

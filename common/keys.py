@@ -11,7 +11,7 @@ __all__ = [
     "SETUP_SECONDS", "EVAL_SECONDS", "TIMING_KEYS",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
-    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "ATTACKS", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
+    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "ATTACKS", "TRANSPORT_DTYPES", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
     "NODE_PARTITION_ID", "NODE_NUM_PARTITIONS",
 ]
 
@@ -30,6 +30,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimme
 DP_MODES = ("none", "server-fixed", "client-fixed", "client-adaptive")
 # a simulated harmful site (run-config `attack`, simulation only): update scaled, or scaled and sign-flipped
 ATTACKS = ("none", "scale", "sign-flip")
+# how weights travel: float32 as they are; float16: the server sends its float32 weights rounded to float16, a site
+# sends its update (trained - received) in float16, and the server adds it to its float32 weights
+TRANSPORT_DTYPES = ("float32", "float16")
 
 # Record names inside a Message's RecordDict
 ARRAYS = "arrays"  # ArrayRecord: model state_dict (FedAvg default key)

@@ -71,8 +71,10 @@ class FedpdFedYogi(_StatisticsAveraged, FedYogi):
 
 
 def arm_name(cfg: RunConfig) -> str:
-    """The comparison-table name of a federated run: strategy, privacy, and random init when not pretrained."""
+    """The comparison-table name of a federated run: strategy, privacy, float16 transport, and random init when
+    not pretrained."""
     name = cfg.strategy + (f"+dp:{cfg.dp}" if cfg.dp != "none" else "") + ("+secagg" if cfg.secure_aggregation else "")
+    name += "+fp16" if cfg.transport_dtype == "float16" else ""
     name += "" if cfg.pretrained_path else " (random init)"
     if cfg.attack != "none":
         name += f" [attack: {cfg.attack} x{cfg.attack_factor:g} at {cfg.attack_site}]"
@@ -201,7 +203,7 @@ def build_strategy(cfg: RunConfig, *, round_offset: int, statistics_keys: Iterab
                                    accountant=_accounting(cfg, sites), effective_noise_multiplier=cfg.noise_multiplier)
         extra = (keys.UNIT_WEIGHT, KEY_NORM_BIT)
     return RecordingStrategy(inner, round_offset=round_offset, extra_train_metrics=extra,
-                             extra_evaluate_metrics=extra[:1])
+                             extra_evaluate_metrics=extra[:1], transport_dtype=cfg.transport_dtype)
 
 
 def _dp_wrapper(strategy: RecordingStrategy):

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
+from common.transport import decode_update, to_wire
 
 __all__ = ["RecordingStrategy", "RecordingFedAvg", "check_train_metrics", "check_aggregate", "nan_aware_mean", "train_metrics_summary", "check_train_reply", "check_evaluate_reply",
            "MAX_NUM_EXAMPLES", "EVALUATE_METRIC_KEYS"]
@@ -296,13 +297,19 @@ class RecordingStrategy(Strategy):
     and screened (:func:`check_train_reply`) before ``inner`` sees them, so a DP wrapper clips and noises
     only updates that passed. ``max_num_examples`` bounds a site's claimed sample count;
     ``extra_train_metrics``/``extra_evaluate_metrics`` are metric keys that every reply of a DP run carries
-    (``unit-weight``; Flower's adaptive-clipping mod adds ``norm_bit``). Other attributes are read from ``inner``.
+    (``unit-weight``; Flower's adaptive-clipping mod adds ``norm_bit``). ``transport_dtype`` float16
+    (common/transport.py): the weights go out in float16, and each training reply's float16 update is added
+    to this round's float32 weights before screening, so ``inner`` and the checks see whole float32 weights.
+    Other attributes are read from ``inner``.
     """
 
     def __init__(self, inner: Strategy, *, round_offset: int = 0, max_num_examples: int = MAX_NUM_EXAMPLES,
-                 extra_train_metrics: Iterable[str] = (), extra_evaluate_metrics: Iterable[str] = ()):
+                 extra_train_metrics: Iterable[str] = (), extra_evaluate_metrics: Iterable[str] = (),
+                 transport_dtype: str = "float32"):
         super().__init__()
         self.inner = inner
+        self.transport_dtype = transport_dtype
+        self._sent: dict[str, np.ndarray] = {}  # float16 transport: this round's float32 weights, by key
         self.round_offset = round_offset
         self.max_num_examples = max_num_examples
         self.train_metric_keys = (*keys.TRAIN_METRIC_KEYS, *extra_train_metrics)
@@ -335,14 +342,51 @@ class RecordingStrategy(Strategy):
         self.round_started[g] = time.time()
         self.reference[g] = {name: tuple(array.shape) for name, array in arrays.items()}
         config[keys.GLOBAL_ROUND] = g
-        self._outbox = list(self.inner.configure_train(g, arrays, config, grid))
+        self._outbox = self._to_wire(list(self.inner.configure_train(g, arrays, config, grid)), remember=True)
         self.sampled[g] = [m.metadata.dst_node_id for m in self._outbox]
         return self._outbox
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config[keys.GLOBAL_ROUND] = self.global_round(server_round)
-        self._outbox = list(self.inner.configure_evaluate(self.global_round(server_round), arrays, config, grid))
+        self._outbox = self._to_wire(list(self.inner.configure_evaluate(self.global_round(server_round), arrays,
+                                                                        config, grid)))
         return self._outbox
+
+    def _to_wire(self, messages: list[Message], remember: bool = False) -> list[Message]:
+        """float16 transport: the instructions' weights rounded to float16 (the ArrayRecord ``inner`` made,
+        converted once and shared); with ``remember``, this round's float32 weights are kept to rebuild the
+        sites' weights from their updates."""
+        if self.transport_dtype == "float32":
+            return messages
+        wire: dict[int, ArrayRecord] = {}
+        for msg in messages:
+            if keys.ARRAYS not in msg.content.array_records:
+                continue
+            record = msg.content[keys.ARRAYS]
+            if any(record is done for done in wire.values()):  # FedAvg shares one RecordDict among messages
+                continue
+            if id(record) not in wire:
+                weights = {k: v.numpy() for k, v in record.items()}
+                if remember:
+                    self._sent = weights
+                wire[id(record)] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in to_wire(weights).items()))
+            msg.content[keys.ARRAYS] = wire[id(record)]
+        return messages
+
+    def _from_wire(self, msg: Message) -> str | None:
+        """float16 transport: replace a training reply's float16 update by the site's float32 weights (this
+        round's weights + update); the reason when it is not such an update."""
+        if self.transport_dtype == "float32" or keys.ARRAYS not in msg.content.array_records:
+            return None
+        try:
+            update = {k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()}
+        except (TypeError, ValueError, OSError, EOFError) as err:
+            return f"the arrays cannot be decoded ({err})"
+        weights = decode_update(update, self._sent)
+        if isinstance(weights, str):
+            return weights
+        msg.content[keys.ARRAYS] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in weights.items()))
+        return None
 
     def _node_of(self, reply: Message) -> int:
         """The node a reply is about. Errors made by the SuperLink itself (e.g. "node unavailable" after
@@ -373,8 +417,9 @@ class RecordingStrategy(Strategy):
                 kept.append(msg)
                 continue
             if phase == "train":
-                reason = check_train_reply(msg.content, self.reference.get(g), metric_keys=self.train_metric_keys,
-                                           max_num_examples=self.max_num_examples)
+                reason = self._from_wire(msg) or check_train_reply(
+                    msg.content, self.reference.get(g), metric_keys=self.train_metric_keys,
+                    max_num_examples=self.max_num_examples)
             else:
                 reason = check_evaluate_reply(msg.content, metric_keys=self.evaluate_metric_keys,
                                               max_num_examples=self.max_num_examples)

@@ -315,3 +315,27 @@ def test_cli_check_checkpoint(tmp_path, r10_file):
     assert res.returncode == 2
     assert res.stderr.startswith("fedpd check-checkpoint: error:") and str(bad) in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_make_model_copies_a_model_it_built_without_sharing_or_leaking_weights():
+    """A simulation actor builds a model per message: make_model hands out copies of the first one it built
+    (same depth, dropout, seed), bit-identical to a fresh build, never the same tensors."""
+    from common.config import RunConfig
+    from common.learning.model import build_med3d, make_model
+
+    cfg = RunConfig.from_mapping({"seed": 11})
+    first = make_model(cfg)
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(1.0)  # a site trains its copy
+    second, third = make_model(cfg), make_model(cfg)
+    a, b = second.state_dict(), third.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(a[k].data_ptr() != b[k].data_ptr() for k in a if a[k].numel())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        fresh = build_med3d(depth=cfg.model_depth, num_classes=2, dropout=cfg.dropout).state_dict()
+    assert all(torch.equal(fresh[k], a[k]) for k in a)  # what a fresh build gives: first's training did not leak
+    head = [k for k in a if k.endswith("weight") and a[k].dim() == 2][0]
+    other = make_model(cfg.replace(seed=12)).state_dict()
+    assert not torch.equal(other[head], a[head])  # the seed still decides the initialisation

@@ -12,6 +12,7 @@ test_deploy.py. The unit-level behaviour of each option is in test_strategies.py
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +39,10 @@ def cohort(tmp_path_factory):
 
 # One simulation per option set: name -> (run-config beyond SMALL, rounds). The attacker is the first site.
 RUNS = {
-    "fedprox-client-fixed": ("strategy='fedprox' proximal-mu=0.1 dp='client-fixed' clipping-norm=0.5 noise-multiplier=0.5", 1),
+    "fedprox-client-fixed": ("strategy='fedprox' proximal-mu=0.1 dp='client-fixed' clipping-norm=0.5 noise-multiplier=0.5 "
+                             "transport-dtype='float16' log-message-size=true", 1),
     "fedbn-server-fixed": ("strategy='fedbn' dp='server-fixed' clipping-norm=1.0 noise-multiplier=1.0", 2),
-    "client-adaptive": ("dp='client-adaptive' clipping-norm=0.5 noise-multiplier=0.5", 1),
+    "client-adaptive": ("dp='client-adaptive' clipping-norm=0.5 noise-multiplier=0.5 log-message-size=true", 1),
     "fedmedian": ("strategy='fedmedian' attack='sign-flip' attack-factor=10.0 attack-site='{attacker}'", 1),
     "fedtrimmedavg": ("strategy='fedtrimmedavg' trim-beta=0.34", 1),
     "krum": ("strategy='krum' byzantine-sites=1 attack='scale' attack-factor=10.0 attack-site='{attacker}'", 1),
@@ -49,15 +51,16 @@ RUNS = {
 PARALLEL = 3  # simulations at a time: each mostly waits on Flower's polling and process starts (BENCHMARKS.md)
 
 
-def _run_name(item) -> str | None:
-    """The RUNS entry a collected test of this module reads."""
+def _run_names(item) -> tuple[str, ...]:
+    """The RUNS entries a collected test of this module reads."""
     params = getattr(item, "callspec", None)
     if params is not None and "strategy" in params.params:
-        return params.params["strategy"]
-    return {"test_fedprox_with_client_side_dp_clipping": "fedprox-client-fixed",
-            "test_fedbn_with_server_side_dp_clipping": "fedbn-server-fixed",
-            "test_fedavg_with_adaptive_client_clipping": "client-adaptive",
-            "test_secure_aggregation_simulation": "secagg"}.get(item.originalname)
+        return (params.params["strategy"],)
+    return {"test_fedprox_with_client_side_dp_clipping": ("fedprox-client-fixed",),
+            "test_fedbn_with_server_side_dp_clipping": ("fedbn-server-fixed",),
+            "test_fedavg_with_adaptive_client_clipping": ("client-adaptive",),
+            "test_float16_transport_halves_the_messages": ("fedprox-client-fixed", "client-adaptive"),
+            "test_secure_aggregation_simulation": ("secagg",)}.get(item.originalname, ())
 
 
 class _Simulations:
@@ -81,8 +84,8 @@ class _Simulations:
 
 @pytest.fixture(scope="module")
 def runs(request, cohort, tmp_path_factory):
-    names = [n for n in dict.fromkeys(_run_name(item) for item in request.session.items
-                                      if item.path == request.path) if n]
+    names = list(dict.fromkeys(n for item in request.session.items if item.path == request.path
+                               for n in _run_names(item)))
     sims = _Simulations(cohort, tmp_path_factory.mktemp("runs"), names)
     yield sims
     sims.pool.shutdown(wait=True, cancel_futures=True)
@@ -127,9 +130,10 @@ def _privacy_recorded(text: str, recs: list[dict], report: dict, releases: int) 
 
 def test_fedprox_with_client_side_dp_clipping(cohort, runs):
     """fedprox + dp=client-fixed: the sites clip (Flower's fixedclipping_mod), the server noises; epsilon is in
-    rounds.jsonl, the report and on the console; BatchNorm statistics stay as initialised."""
+    rounds.jsonl, the report and on the console; BatchNorm statistics stay as initialised. The run also sends
+    float16 (transport-dtype): the clipping mod works on the float32 update inside it."""
     text, recs, report, ckpt = runs.get("fedprox-client-fixed")
-    assert report["arm"] == "fedprox+dp:client-fixed (random init)"
+    assert report["arm"] == "fedprox+dp:client-fixed+fp16 (random init)"
     assert sorted(recs[0]["sites"]) == _sites(cohort) and recs[0]["rejected"] == []
     assert all(s["unit-weight"] == 1 for s in recs[0]["sites"].values())  # every site weighs the same
     assert text.count("fixedclipping_mod: parameters are clipped by value: 0.5000") == 3  # each site clipped
@@ -162,6 +166,24 @@ def test_fedavg_with_adaptive_client_clipping(runs):
     spent = _privacy_recorded(text, recs, report, releases=1)
     assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] != 0.5  # adapted from the initial norm
     assert all("norm_bit" in s for s in recs[0]["sites"].values())
+
+
+def _message_sizes(text: str, direction: str) -> list[int]:
+    """The sizes Flower's message_size_mod logged (log-message-size=true), in bytes."""
+    return [int(m) for m in re.findall(rf"{direction} message size: (\d+) bytes", text)]
+
+
+def test_float16_transport_halves_the_messages(runs):
+    """transport-dtype=float16 against float32 (the client-adaptive run: the same DP key set, so the same
+    arrays), both measured by Flower's message_size_mod at the sites: the weights the sites receive, and the
+    updates they send, take <= 0.51x the bytes. The server's checkpoint stays float32."""
+    half, _, _, ckpt = runs.get("fedprox-client-fixed")
+    full, *_ = runs.get("client-adaptive")
+    for direction in ("Incoming", "Outgoing"):
+        fp16, fp32 = _message_sizes(half, direction), _message_sizes(full, direction)
+        assert len(fp16) == len(fp32) == 6  # 3 sites x (train + evaluate)
+        assert max(fp16) <= 0.51 * max(fp32), (direction, fp16, fp32)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["state_dict"].values())
 
 
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum"])

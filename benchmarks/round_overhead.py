@@ -24,6 +24,9 @@ Three measurements, one invocation each:
     .venv/bin/python benchmarks/round_overhead.py sim --rounds 3                # 3 sites, 64^3
     .venv/bin/python benchmarks/round_overhead.py deploy --rounds 3             # 3 SuperNodes, 32^3 input
 
+``deploy`` also runs fedpd a second time with ``transport-dtype=float16`` and both with ``log-message-size``:
+the bytes Flower's ``message_size_mod`` logged at the sites, per message and per site and round (item 2).
+
 Results and the commands go into BENCHMARKS.md.
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -143,6 +147,22 @@ def _flwr_run(app: Path, conn: str, home: Path, rc: Path) -> float:
     return time.monotonic() - started
 
 
+def _sizes(text: str, direction: str) -> list[int]:
+    """Sizes Flower's message_size_mod logged on a SuperNode (run-config log-message-size), bytes."""
+    return [int(m) for m in re.findall(rf"{direction} message size: (\d+) bytes", text)]
+
+
+def _model_bytes(depth: int) -> tuple[int, int]:
+    """(trainable-parameter bytes, exchanged state bytes) of fedpd's Med3D, float32."""
+    from common.config import RunConfig
+    from common.learning.model import exchanged_keys, make_model
+
+    model = make_model(RunConfig.from_mapping({"model-depth": depth}))
+    state = model.state_dict()
+    return (sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+            sum(state[k].numel() * state[k].element_size() for k in exchanged_keys(model)))
+
+
 def deploy(a: argparse.Namespace) -> None:
     from simulation.flower import APP_DIR, free_port, start_superlink, start_supernode, stop, write_connections
     from simulation.flower import write_run_config
@@ -150,7 +170,7 @@ def deploy(a: argparse.Namespace) -> None:
     root = a.out or Path(tempfile.mkdtemp(prefix="fedpd-round-overhead-"))
     partition = _cohort(root / "cohort", a.subjects, a.sites, a.shape)
     names = sorted(f.stem for f in (partition / "sites").glob("*.csv"))
-    procs = []
+    procs, totals, logs = [], {}, {}
     try:
         link = start_superlink(root / "link", port=free_port())
         procs.append(link)
@@ -163,35 +183,56 @@ def deploy(a: argparse.Namespace) -> None:
         noop_rc = write_run_config(root / "noop.toml", {
             "num-server-rounds": a.rounds, "min-nodes": len(names), "out": str(root / "noop.json"),
             "shapes": str(_shapes_file(root / "shapes.json", a.depth))})
-        noop_total = _flwr_run(HERE / "noop_app", "deploy", home, noop_rc)
-        fedpd_rc = write_run_config(root / "fedpd.toml", _overrides(a.input, a.batch_size) | {
-            "num-server-rounds": a.rounds, "min-nodes": len(names), "model-depth": a.depth,
-            "server-manifest": str(partition / "server.csv"), "out-dir": str(root / "run")})
-        fedpd_total = _flwr_run(APP_DIR, "deploy", home, fedpd_rc)
+        totals["no-op"] = _flwr_run(HERE / "noop_app", "deploy", home, noop_rc)
+        for dtype in a.transport:
+            before = {p.pid: len(p.log_text()) for p in procs[1:]}
+            rc = write_run_config(root / f"fedpd-{dtype}.toml", _overrides(a.input, a.batch_size) | {
+                "num-server-rounds": a.rounds, "min-nodes": len(names), "model-depth": a.depth,
+                "transport-dtype": dtype, "log-message-size": True,
+                "server-manifest": str(partition / "server.csv"), "out-dir": str(root / f"run-{dtype}")})
+            totals[dtype] = _flwr_run(APP_DIR, "deploy", home, rc)
+            logs[dtype] = "".join(p.log_text()[before[p.pid]:] for p in procs[1:])
     finally:
         for proc in procs:
             stop(proc)
     floor = [r["end"] - r["start"] for r in json.loads((root / "noop.json").read_text())]
-    recs = _rounds(root / "run")
     print(f"deployment on loopback: {len(names)} SuperNodes, {a.subjects} subjects, {a.shape}^3 phantom, {a.input}^3 "
-          f"input, batch {a.batch_size}, resnet_{a.depth}, {a.rounds} round(s); flwr run to exit: no-op app "
-          f"{noop_total:.1f} s, fedpd {fedpd_total:.1f} s")
-    print(f"  {'round':>5} {'fedpd s':>8} {'floor s':>8} {'train s':>8} {'eval s':>7} {'val s':>6} {'above floor s':>13}"
-          f" | per message, slowest site: {'start-up s':>10} {'set-up s':>8}")
-    above = []
-    for r, base in zip(recs, floor):
-        train = _site_sum(r, "sites", keys.TRAIN_SECONDS, max)
-        site_eval = _site_sum(r, "site_eval", keys.EVAL_SECONDS, max)
-        val = float(r["val"].get("seconds") or 0.0)
-        extra = r["wall_seconds"] - base - train - site_eval - val
-        above.append(extra)
-        startup = (_site_sum(r, "sites", keys.STARTUP_SECONDS, max), _site_sum(r, "site_eval", keys.STARTUP_SECONDS, max))
-        setup = (_site_sum(r, "sites", keys.SETUP_SECONDS, max), _site_sum(r, "site_eval", keys.SETUP_SECONDS, max))
-        print(f"  {r['round']:>5} {r['wall_seconds']:8.1f} {base:8.1f} {train:8.1f} {site_eval:7.1f} {val:6.1f} "
-              f"{extra:13.1f} | train {startup[0]:5.1f} / eval {startup[1]:5.1f}   train {setup[0]:4.1f} / eval "
-              f"{setup[1]:4.1f}")
-    if above:
-        print(f"  seconds per round above Flower's floor: median {statistics.median(above):.1f} (target <= 2 s)")
+          f"input, batch {a.batch_size}, resnet_{a.depth}, {a.rounds} round(s) per app; flwr run to exit: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items()))
+    trainable, exchanged = _model_bytes(a.depth)
+    print(f"  resnet_{a.depth}: trainable parameters {trainable / 1e6:.1f} MB float32; exchanged state (with BatchNorm "
+          f"statistics) {exchanged / 1e6:.1f} MB")
+    for dtype in a.transport:
+        recs = _rounds(root / f"run-{dtype}")
+        print(f"  fedpd, transport-dtype {dtype}:")
+        print(f"  {'round':>5} {'fedpd s':>8} {'floor s':>8} {'train s':>8} {'eval s':>7} {'val s':>6} "
+              f"{'above floor s':>13} | per message, slowest site: {'start-up s':>10} {'set-up s':>8}")
+        above = []
+        for r, base in zip(recs, floor):
+            train = _site_sum(r, "sites", keys.TRAIN_SECONDS, max)
+            site_eval = _site_sum(r, "site_eval", keys.EVAL_SECONDS, max)
+            val = float(r["val"].get("seconds") or 0.0)
+            extra = r["wall_seconds"] - base - train - site_eval - val
+            above.append(extra)
+            startup = (_site_sum(r, "sites", keys.STARTUP_SECONDS, max),
+                       _site_sum(r, "site_eval", keys.STARTUP_SECONDS, max))
+            setup = (_site_sum(r, "sites", keys.SETUP_SECONDS, max), _site_sum(r, "site_eval", keys.SETUP_SECONDS, max))
+            print(f"  {r['round']:>5} {r['wall_seconds']:8.1f} {base:8.1f} {train:8.1f} {site_eval:7.1f} {val:6.1f} "
+                  f"{extra:13.1f} | train {startup[0]:5.1f} / eval {startup[1]:5.1f}   train {setup[0]:4.1f} / eval "
+                  f"{setup[1]:4.1f}")
+        if above:
+            print(f"    seconds per round above Flower's floor: median {statistics.median(above):.1f} (target <= 2 s)")
+        got, sent = _sizes(logs[dtype], "Incoming"), _sizes(logs[dtype], "Outgoing")
+        if got and sent:
+            per_round = (sum(got) + sum(sent)) / (len(names) * a.rounds)
+            print(f"    message_size_mod at the sites: received max {max(got) / 1e6:.2f} MB, sent max "
+                  f"{max(sent) / 1e6:.2f} MB per message; {per_round / 1e6:.1f} MB per site per round both ways "
+                  f"({len(got)} messages in, {len(sent)} out)")
+    if "float32" in logs and "float16" in logs:
+        full = max(_sizes(logs["float32"], "Incoming")) + max(_sizes(logs["float32"], "Outgoing"))
+        half = max(_sizes(logs["float16"], "Incoming")) + max(_sizes(logs["float16"], "Outgoing"))
+        print(f"  float16 / float32 bytes of a training exchange (weights in + update out): {half / full:.3f} "
+              "(target <= 0.51)")
 
 
 def main() -> None:
@@ -209,6 +250,9 @@ def main() -> None:
         q.add_argument("--batch-size", type=int, default=4)
         q.add_argument("--depth", type=int, default=10, help="resnet depth")
         q.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+        if name == "deploy":
+            q.add_argument("--transport", nargs="+", choices=("float32", "float16"), default=["float32", "float16"],
+                           help="run fedpd once per transport-dtype, after the no-op app")
     a = p.parse_args()
     {"imports": imports, "sim": sim, "deploy": deploy}[a.what](a)
 

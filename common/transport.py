@@ -6,8 +6,9 @@
 trains in float32 from those weights and sends back its *update* (trained - received) in float16; the
 server adds each update to its own float32 weights before screening and aggregation. The server's weights
 never pass through float16, and an update is small, so float16's 11-bit mantissa costs it little (a
-relative error of 2^-11 per value). Integer arrays (BatchNorm's ``num_batches_tracked``) travel as they
-are. An update beyond float16's range (65504) is refused at the site with a message, never sent as inf.
+relative error of 2^-11 per value). A site's integer arrays (BatchNorm's ``num_batches_tracked``) travel
+as they are; the server's copy of that counter is a float after Flower's averaging, and goes out in float16
+like the rest (exact up to 2048; BatchNorm with momentum, as Med3D's, never reads it). An update beyond float16's range (65504) is refused at the site with a message, never sent as inf.
 
 Plain NumPy here; client/ and server/ wrap it around Flower's ArrayRecords.
 """
@@ -67,7 +68,9 @@ def decode_update(update: Mapping[str, np.ndarray], weights: Mapping[str, np.nda
     out = {}
     for name, value in update.items():
         base = weights.get(name)
-        if base is None or not _floating(base):
+        # integer arrays are whole values: BatchNorm's counter, an int at the site even when the server's copy
+        # became a float (Flower's average of an integer array is a float)
+        if base is None or not _floating(base) or not _floating(value):
             out[name] = value
             continue
         if value.dtype != np.float16:

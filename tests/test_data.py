@@ -157,13 +157,16 @@ def test_augmentation_random_per_epoch_deterministic_per_seed(tmp_path):
     e = epochs(5, train=False)
     assert torch.equal(e[0], e[1]) and torch.equal(e[1], e[2])
 
-    def loader_epochs(seed):
+    def loader_epochs(seed, prefetch=False):
         ds = build_dataset(rows * 4, SHAPE, SPACING, cache, train=True, seed=0)
-        loader = make_loader(ds, [1] * 4, batch_size=2, class_balancing="none", seed=seed)
+        loader = make_loader(ds, [1] * 4, batch_size=2, class_balancing="none", seed=seed, prefetch=prefetch)
         return [torch.cat([b["image"] for b in loader]) for _ in range(2)]
 
     x, y = loader_epochs(3), loader_epochs(3)
     assert all(torch.equal(p, q) for p, q in zip(x, y)) and not torch.equal(x[0], x[1])
+    # the training loader makes the next batch in a thread: the very same batches, epoch after epoch
+    z = loader_epochs(3, prefetch=True)
+    assert all(torch.equal(p, q) for p, q in zip(x, z))
 
 
 class _Labels(torch.utils.data.Dataset):

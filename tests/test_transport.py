@@ -54,6 +54,18 @@ def test_a_float16_update_is_added_to_the_servers_float32_weights():
                                - received["bn.running_var"]), rtol=1e-3)
 
 
+def test_the_batchnorm_counter_travels_whole_after_flower_averaged_it_to_a_float():
+    """Round 2 of a real run: the server's num_batches_tracked is a float (Flower's FedAvg averages it), the
+    site's is an int64 it sends whole."""
+    server = _weights() | {"bn.num_batches_tracked": np.array(7.0, dtype=np.float32)}
+    received = from_wire(to_wire(server))
+    trained = dict(received, **{"bn.num_batches_tracked": np.array(12, dtype=np.int64)})
+    update = encode_update(trained, received)
+    assert update["bn.num_batches_tracked"].dtype == np.int64
+    rebuilt = decode_update(update, server)
+    assert not isinstance(rebuilt, str) and int(rebuilt["bn.num_batches_tracked"]) == 12
+
+
 def test_an_update_beyond_float16_range_is_refused_at_the_site_by_name():
     received = from_wire(to_wire(_weights()))
     trained = dict(received, **{"conv.weight": received["conv.weight"] + 1e5})

@@ -383,4 +383,6 @@ def _print_partition(info: dict, out: Path) -> None:
             only = "PD" if hc == 0 else "control"
             log.warning(f"partition: warning: site {site}: its train rows hold only one class ({pd_} PD / {hc} control "
                         f"scans of {c['train_subjects']['1'] + c['train_subjects']['0']} subject(s)): it trains on "
-                        f"{only} only and local class balancing cannot help; to compare, try --scheme iid or dirichlet")
+                        f"{only} only and local class balancing cannot help; "
+                        + ("to compare, try --scheme iid or dirichlet" if info["scheme"] == "natural"
+                           else "fewer --sites give each site both classes"))

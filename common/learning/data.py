@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-from monai.data import DataLoader, PersistentDataset
+from monai.data import DataLoader, PersistentDataset, ThreadDataLoader
 from monai.data.utils import json_hashing, pickle_hashing
 from torch.utils.data import WeightedRandomSampler
 
@@ -204,7 +204,7 @@ def class_weights(counts: Mapping[int, int]) -> torch.Tensor:
 
 
 def make_loader(dataset, labels: Iterable[int], batch_size: int, class_balancing: str, seed: int,
-                num_workers: int = 0, shuffle: bool = True) -> DataLoader:
+                num_workers: int = 0, shuffle: bool = True, prefetch: bool = False) -> DataLoader:
     """A seeded loader: class-balanced sampling, a plain shuffle, or row order for evaluation.
 
     Args:
@@ -219,6 +219,8 @@ def make_loader(dataset, labels: Iterable[int], batch_size: int, class_balancing
         num_workers: loader processes.
         shuffle: ``False`` gives an evaluation loader: row order, no sampler (``class_balancing`` must
             then not be ``sampler``).
+        prefetch: with ``num_workers`` 0, MONAI's ``ThreadDataLoader`` makes the next batch in a thread
+            while the model trains on this one (the same batches in the same order: one thread draws them).
     """
     if class_balancing not in CLASS_BALANCING:
         raise ConfigError(f"class-balancing {class_balancing!r} must be one of {', '.join(CLASS_BALANCING)}")
@@ -230,10 +232,11 @@ def make_loader(dataset, labels: Iterable[int], batch_size: int, class_balancing
     generator = torch.Generator().manual_seed(int(seed))
     kwargs = dict(batch_size=batch_size, num_workers=num_workers, generator=generator,
                   pin_memory=torch.cuda.is_available())
+    loader = ThreadDataLoader if (prefetch and num_workers == 0) else DataLoader
     if class_balancing == "sampler":
         counts = Counter(labels)
         weights = torch.tensor([1.0 / counts[v] for v in labels], dtype=torch.double)
         sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True,
                                         generator=torch.Generator().manual_seed(int(seed) + 1))
-        return DataLoader(dataset, sampler=sampler, **kwargs)
-    return DataLoader(dataset, shuffle=shuffle, **kwargs)
+        return loader(dataset, sampler=sampler, **kwargs)
+    return loader(dataset, shuffle=shuffle, **kwargs)

@@ -174,12 +174,14 @@ def _records(rows: pd.DataFrame) -> list[dict]:
     return rows.to_dict("records")
 
 
-def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int):
-    """Loader over training rows with the run's class balancing; also returns the counts and loss weights."""
+def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int, prefetch: bool = True):
+    """Loader over training rows with the run's class balancing; also returns the counts and loss weights.
+    ``prefetch``: the next batch is made (cache read, augmentation) in a thread while the model trains."""
     recs = _records(rows)
     ds = build_dataset(recs, cfg.input_shape, cfg.spacing, cache_dir, train=True, seed=seed)
     labels = [int(r["label"]) for r in recs]
-    loader = make_loader(ds, labels, cfg.batch_size, cfg.class_balancing, seed=seed, num_workers=cfg.num_workers)
+    loader = make_loader(ds, labels, cfg.batch_size, cfg.class_balancing, seed=seed, num_workers=cfg.num_workers,
+                         prefetch=prefetch)
     counts = class_counts(recs)
     weights = class_weights(counts) if cfg.class_balancing == "loss" else None
     return loader, counts, weights

@@ -74,6 +74,20 @@ def cohort(root: Path, subjects: int, sites: int, shape: int) -> Path:
     return root / "partition"
 
 
+def start_federation(root: Path, partition: Path, procs: list) -> Path:
+    """A SuperLink and one SuperNode per ``partition/sites/*.csv`` on loopback (appended to ``procs``, for the
+    caller to stop); returns the CLI's FLWR_HOME with a ``deploy`` connection to the SuperLink."""
+    link = start_superlink(root / "link", port=free_port())
+    procs.append(link)
+    for name in sorted(f.stem for f in (partition / "sites").glob("*.csv")):
+        procs.append(start_supernode(root / f"site-{name}", f"127.0.0.1:{link.port}", name=f"site-{name}",
+                                     node_config=f"data-path='{partition / 'sites' / f'{name}.csv'}' "
+                                                 f"cache-dir='{root / 'cache' / name}'"))
+    home = root / "cli"
+    write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
+    return home
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
@@ -90,14 +104,7 @@ def main() -> None:
     procs, marks, sampler = [], [], Sampler()
     sampler.start()
     try:
-        link = start_superlink(root / "link", port=free_port())
-        procs.append(link)
-        for name in names:
-            procs.append(start_supernode(root / f"site-{name}", f"127.0.0.1:{link.port}", name=f"site-{name}",
-                                         node_config=f"data-path='{partition / 'sites' / f'{name}.csv'}' "
-                                                     f"cache-dir='{root / 'cache' / name}'"))
-        home = root / "cli"
-        write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
+        home = start_federation(root, partition, procs)
         edge = a.input
         overrides = {"input-shape": f"{edge},{edge},{edge}", "spacing": ",".join([f"{192 / edge:.1f}"] * 3),
                      "batch-size": 4, "num-server-rounds": a.rounds, "server-manifest": str(partition / "server.csv"),

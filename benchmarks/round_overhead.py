@@ -164,22 +164,15 @@ def _model_bytes(depth: int) -> tuple[int, int]:
 
 
 def deploy(a: argparse.Namespace) -> None:
-    from simulation.flower import APP_DIR, free_port, start_superlink, start_supernode, stop, write_connections
-    from simulation.flower import write_run_config
+    from deploy_round import start_federation
+    from simulation.flower import APP_DIR, stop, write_run_config
 
     root = a.out or Path(tempfile.mkdtemp(prefix="fedpd-round-overhead-"))
     partition = _cohort(root / "cohort", a.subjects, a.sites, a.shape)
     names = sorted(f.stem for f in (partition / "sites").glob("*.csv"))
     procs, totals, logs = [], {}, {}
     try:
-        link = start_superlink(root / "link", port=free_port())
-        procs.append(link)
-        for name in names:
-            procs.append(start_supernode(root / f"site-{name}", f"127.0.0.1:{link.port}", name=f"site-{name}",
-                                         node_config=f"data-path='{partition / 'sites' / f'{name}.csv'}' "
-                                                     f"cache-dir='{root / 'cache' / name}'"))
-        home = root / "cli"
-        write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
+        home = start_federation(root, partition, procs)
         noop_rc = write_run_config(root / "noop.toml", {
             "num-server-rounds": a.rounds, "min-nodes": len(names), "out": str(root / "noop.json"),
             "shapes": str(_shapes_file(root / "shapes.json", a.depth))})

@@ -174,9 +174,10 @@ def _records(rows: pd.DataFrame) -> list[dict]:
     return rows.to_dict("records")
 
 
-def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int, prefetch: bool = True):
+def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int, prefetch: bool = False):
     """Loader over training rows with the run's class balancing; also returns the counts and loss weights.
-    ``prefetch``: the next batch is made (cache read, augmentation) in a thread while the model trains."""
+    ``prefetch``: the next batch is made (cache read, augmentation) in a thread while the model trains. Off
+    for the ClientApp: on 2 cores the thread competes with torch's and training got slower (BENCHMARKS.md)."""
     recs = _records(rows)
     ds = build_dataset(recs, cfg.input_shape, cfg.spacing, cache_dir, train=True, seed=seed)
     labels = [int(r["label"]) for r in recs]

@@ -57,7 +57,7 @@ def test_required_top_level_exists():
 # --- common/ by concern: which layer may import which (README "Layout") -----------------------------------
 
 # the foundation: top-level modules every layer may use; they import only each other
-FOUNDATION = {"keys", "errors", "files", "device", "config"}
+FOUNDATION = {"keys", "errors", "files", "device", "config", "transport"}
 LAYERS = {
     "learning": set(),
     "cohort": {"learning"},

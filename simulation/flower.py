@@ -26,7 +26,7 @@ from common.runs.rundir import GIT_COMMIT_ENV, git_commit
 _log = logging.getLogger("fedpd.flower")
 
 __all__ = ["Proc", "free_port", "flwr_env", "start_superlink", "start_supernode", "stop", "write_connections",
-           "flwr_run", "console_lines", "wait_for_port", "write_run_config", "APP_DIR"]
+           "flwr_run", "console_lines", "wait_for_port", "write_run_config", "run_statuses", "log_problems", "APP_DIR"]
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder with pyproject.toml
 BIN = Path(sys.executable).parent  # the venv's bin/: flower-superlink, flower-supernode, flwr
@@ -366,3 +366,30 @@ def flwr_run(home: Path, connection: str, *, run_config: Path | None = None, fed
             for _ in lines:
                 pass
         return proc.wait()
+
+
+def run_statuses(home: Path, connection: str, timeout: float = 60.0) -> list[dict]:
+    """The SuperLink's record of its runs (``flwr ls CONNECTION --format json``): each a dict with ``run-id``,
+    ``status`` (e.g. ``finished:failed``) and ``status-details`` (e.g. ``No heartbeat received from the
+    task``). Empty when the SuperLink cannot be asked: this only adds to an error message, never replaces one."""
+    try:
+        proc = subprocess.run([str(BIN / "flwr"), "ls", connection, "--format", "json"], capture_output=True,
+                              text=True, env=flwr_env(home), timeout=timeout)
+        runs = json.loads(proc.stdout).get("runs", [])
+    except (OSError, subprocess.SubprocessError, ValueError, AttributeError):
+        return []
+    return [r for r in runs if isinstance(r, dict)]
+
+
+def log_problems(log: Path, limit: int = 6) -> list[str]:
+    """The last ``limit`` lines of a Flower process's log that report a problem (ERROR, CRITICAL, a raised
+    exception, a killed worker), for an error message: where a run died outside the ServerApp (the
+    simulation process, Ray), the SuperLink's log holds the cause."""
+    if not log.is_file():
+        return []
+    lines = (_ANSI.sub("", line).strip() for line in log.read_text(errors="replace").splitlines())
+    found = [line[:300] for line in lines if _PROBLEM.search(line)]
+    return found[-limit:]
+
+
+_PROBLEM = re.compile(r"\b(?:ERROR|CRITICAL)\b|^Traceback|\w(?:Error|Exception): |[Kk]illed|out of memory|[Hh]eartbeat")

@@ -23,7 +23,8 @@ from common.config import RunConfig, parse_overrides
 from common.errors import ConfigError, FedpdError
 from common.runs.preflight import preflight_partition
 from common.runs.records import RunReport, load_report
-from simulation.flower import flwr_run, start_superlink, stop, write_connections, write_run_config
+from simulation.flower import (flwr_run, log_problems, run_statuses, start_superlink, stop, write_connections,
+                               write_run_config)
 
 log = logging.getLogger("fedpd.simulate")
 
@@ -87,11 +88,13 @@ def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "
         write_connections(home, {"sim": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
         code = flwr_run(home, "sim", run_config=cfg_file, federation_config=federation, log=out / "flower.log",
                         timeout=timeout, echo=echo)
+        # a run that ended without its report: ask the SuperLink how it ended, while it still runs
+        statuses = [] if code == 0 and _fresh(out / "report.json", started) else run_statuses(home, "sim")
     finally:
         stop(link)
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    return _result(out, code, started, link.log)
+    return _result(out, code, started, link.log, statuses)
 
 
 def _fresh(path: Path, since: float) -> bool:
@@ -113,7 +116,18 @@ def _server_error(log: Path) -> str | None:
 _ERROR_LINE = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
 
 
-def _result(out: Path, code: int, started: float, link_log: Path) -> RunReport:
+def _ended(statuses: list[dict], link_log: Path) -> str:
+    """How the SuperLink says the run ended (``finished:failed: No heartbeat received from the task``), and the
+    problems its log records (the simulation process and Ray write there): the cause of a run that died
+    outside the ServerApp, in the error message itself rather than only in a log file."""
+    ended = [f"{r.get('status', '?')}" + (f": {r['status-details']}" if r.get("status-details") else "")
+             for r in statuses[-1:]]
+    problems = log_problems(link_log)
+    return "".join([f"\nSuperLink's run status: {ended[0]}" if ended else "",
+                    "\nSuperLink's log, last problems:\n  " + "\n  ".join(problems) if problems else ""])
+
+
+def _result(out: Path, code: int, started: float, link_log: Path, statuses: list[dict] = ()) -> RunReport:
     """The report written by *this* run, or a :class:`SimulationError` that says why there is none.
 
     A run counts only when its ServerApp wrote ``report.json`` after the run started: ``flwr run`` exits 0
@@ -127,5 +141,5 @@ def _result(out: Path, code: int, started: float, link_log: Path) -> RunReport:
         why = _server_error(log)
         raise SimulationError(f"the run failed{': ' + why if why else ''} (flwr run exit code {code}, "
                               f"{'no new' if not _fresh(report, started) else 'a'} report.json); nothing was reported. "
-                              f"Full log: {log} (SuperLink: {link_log})")
+                              f"Full log: {log} (SuperLink: {link_log})" + _ended(list(statuses), link_log))
     return load_report(report)

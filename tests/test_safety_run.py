@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +201,58 @@ def test_a_failed_server_app_is_never_read_as_success(tmp_path):
         _result(out, 0, time.time() - 5, tmp_path / "link.log")
     assert "DataError: /data/server.csv: label must be 0 or 1; fix it" in str(info.value)
     assert "no new report.json" in str(info.value) and "0.9" not in str(info.value)
+
+
+def test_a_run_that_died_outside_the_server_app_names_the_superlinks_reason(tmp_path):
+    """No ServerApp error in flower.log: the message carries the SuperLink's final run status and the problem
+    lines of its log (the simulation process and Ray write there), without colour codes."""
+    from simulation.simulate import SimulationError, _result
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "flower.log").write_text("INFO :      [ROUND 1/1]\n")
+    link_log = tmp_path / "superlink.log"
+    link_log.write_text("INFO : Starting\n\x1b[91mERROR \x1b[0m:     Ray worker died: memory used 23.1GB > 95%\n"
+                        "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory.\n"
+                        "INFO : shutdown\n")
+    statuses = [{"run-id": "1", "status": "finished:failed", "status-details": "No heartbeat received from the task"}]
+    with pytest.raises(SimulationError) as info:
+        _result(out, 0, time.time() - 5, link_log, statuses)
+    message = str(info.value)
+    assert "SuperLink's run status: finished:failed: No heartbeat received from the task" in message
+    assert "ERROR :     Ray worker died: memory used 23.1GB > 95%" in message and "\x1b" not in message
+    assert "OutOfMemoryError: Task was killed" in message and "Starting" not in message and "shutdown" not in message
     (out / "report.json").write_text(json.dumps({"test": {"auc": {"value": 0.7}}}))  # written by this run
     assert _result(out, 0, time.time() - 5, tmp_path / "link.log").test["auc"]["value"] == 0.7
     with pytest.raises(SimulationError, match="exit code 1"):
         _result(out, 1, time.time() - 5, tmp_path / "link.log")
+
+
+def test_a_simulation_process_that_dies_is_reported_with_the_superlinks_reason(partition, tmp_path):
+    """The simulation process (ServerApp and Ray, under the SuperLink) is killed mid-round, as the OOM killer
+    would: ``flwr run`` still exits 0, and the error says how the SuperLink saw the run end (no heartbeat from
+    the task) instead of only pointing at a log file. Nothing of the run is reported."""
+    from simulation.flower import _tree
+    from simulation.simulate import SimulationError, simulate
+    from tests.deploy_helpers import cmdline
+
+    out = tmp_path / "run"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(simulate, partition, 1, out, SMALL)
+        deadline, killed = time.monotonic() + 600, None
+        while killed is None and time.monotonic() < deadline and not future.done():
+            log = out / "flower.log"
+            if log.is_file() and "trained on" in log.read_text(errors="replace"):
+                links = [p for p in _tree(os.getpid())[0] if "flower-superlink" in cmdline(p)]
+                sims = [p for link in links for p in _tree(link)[0] if "flwr-simulation" in cmdline(p)]
+                for pid in sims:
+                    os.kill(pid, signal.SIGKILL)
+                killed = sims
+            time.sleep(0.2)
+        assert killed, "no flwr-simulation process to kill while a site trained"
+        with pytest.raises(SimulationError) as info:
+            future.result(timeout=600)
+    message = str(info.value)
+    assert "the run failed" in message and "no new report.json" in message
+    assert "SuperLink's run status: finished:failed" in message and "heartbeat" in message.lower()
+    assert not (out / "report.json").exists() and not (out / "model.pt").exists()

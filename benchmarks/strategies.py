@@ -1,13 +1,17 @@
 """Strategies, privacy and robustness on the demo-size phantom, for EXPERIMENTS.md (issue 15).
 
-Every arm is one ``fedpd simulate`` on a partition built by benchmarks/experiments.py's commands (the
-template-space phantom of ``make demo``'s size: 120 subjects, 3 acquisition sites, 48^3), with the same
+Every arm is one ``fedpd simulate`` on the demo-size phantom (120 subjects, 3 acquisition sites, 48^3), one
+of two cohorts (``--cohort``): ``native``, ``make demo``'s own (scanner-space scans through site-local
+preprocessing, built by ``python -m simulation.demo --cohort-only``), or ``mni``, the template-space
+phantom built by benchmarks/experiments.py's commands (no preprocessing; FedAvg on it is unstable across
+seeds, EXPERIMENTS.md). Every arm has the same
 run-config apart from the arm's own keys, and the audit log on (``FEDPD_AUDIT_LOG``) to measure the bytes
 the sites send. Recorded per arm: test AUC with its subject-bootstrap 95 % CI, the selected round, the mean
 round wall time, the bytes the sites sent per round (all sites, train and evaluate replies), and epsilon
 at the run's delta where DP is on. Results accumulate in ``<out>/strategies.json``.
 
     python benchmarks/strategies.py --out runs/experiments --arms fedavg fedmedian --schemes natural --seeds 0
+    python benchmarks/strategies.py --out runs/experiments --cohort native --arms fedavg fedavg-fp16 --seeds 0 1 2
     python benchmarks/strategies.py --out runs/experiments --markdown
 
 Phantom results: they show how the options behave on this pipeline, never a clinical performance.
@@ -66,9 +70,35 @@ def _audit_bytes(audit: Path, rounds: int) -> float | None:
     return total / rounds if rounds else None
 
 
-def run(arm: str, scheme: str, seed: int, out: Path) -> dict:
-    part, cmds = _cohort(out, DEMO["effect"], "subject", scheme, seed=seed)
-    name = f"{arm}-{scheme}-seed{seed}"
+COHORTS = ("mni", "native")
+
+
+def _native_cohort(out: Path, scheme: str, seed: int) -> tuple[Path, list[str]]:
+    """Commands that build (once) ``make demo``'s preprocessed native-space cohort for ``seed`` and its
+    partition by ``scheme`` (the demo's own is natural); returns the partition folder."""
+    data = out / f"native-seed{seed}" / "data"
+    cmds = []
+    if not (data / "partition" / "partition.json").exists():
+        cmds.append(f"{sys.executable} -m simulation.demo --out {data.parent} --seed {seed} --cohort-only")
+    if scheme == "natural":
+        return data / "partition", cmds
+    part = data / f"partition-{scheme}"
+    if not (part / "partition.json").exists():
+        cmds.append(f"{FEDPD} partition {data / 'preprocessed' / 'manifest.csv'} --scheme {scheme} --sites "
+                    f"{DEMO['sites']} --alpha 0.5 --seed {seed} --out {part}")
+    return part, cmds
+
+
+def _key(arm: str, scheme: str, seed: int, cohort: str) -> str:
+    return f"{arm}-{scheme}-seed{seed}" + ("" if cohort == "mni" else f"-{cohort}")
+
+
+def run(arm: str, scheme: str, seed: int, out: Path, cohort: str = "mni") -> dict:
+    if cohort == "native":
+        part, cmds = _native_cohort(out, scheme, seed)
+    else:
+        part, cmds = _cohort(out, DEMO["effect"], "subject", scheme, seed=seed)
+    name = _key(arm, scheme, seed, cohort)
     run_dir = out / "strategies" / name
     audit = out / "strategies" / f"{name}.audit.jsonl"
     audit.unlink(missing_ok=True)
@@ -83,13 +113,14 @@ def run(arm: str, scheme: str, seed: int, out: Path) -> dict:
         if code != 0:  # a run that fails (e.g. every round poisoned) is a result too: record why
             failure = run_dir / "failure.json"
             why = json.loads(failure.read_text())["message"] if failure.is_file() else f"exit code {code}"
-            return {"arm": arm, "scheme": scheme, "seed": seed, "name": arm, "run_config": ARMS[arm], "failed": why,
+            return {"arm": arm, "scheme": scheme, "seed": seed, "cohort": cohort, "name": arm, "run_config": ARMS[arm],
+                    "failed": why,
                     "seconds": round(time.perf_counter() - start, 1), "command": cmds[-1].replace(str(ROOT) + "/", "")}
     seconds = time.perf_counter() - start
     report = json.loads((run_dir / "report.json").read_text())
     rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
     walls = [r["wall_seconds"] for r in rounds if r.get("wall_seconds")]
-    return {"arm": arm, "scheme": scheme, "seed": seed, "name": report["arm"], "run_config": ARMS[arm],
+    return {"arm": arm, "scheme": scheme, "seed": seed, "cohort": cohort, "name": report["arm"], "run_config": ARMS[arm],
             "test_auc": report["test"]["auc"], "balanced_accuracy": report["test"]["balanced_accuracy"],
             "selected_round": report["selected_round"], "rounds": len(rounds),
             "round_wall_s": sum(walls) / len(walls) if walls else None,
@@ -105,17 +136,22 @@ def _ci(m: dict) -> str:
     return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if lo is not None else f"{v:.2f}"
 
 
+def _where(r: dict) -> str:
+    """The cohort and partition of a result (results stored before ``--cohort`` existed are the MNI phantom's)."""
+    return f"{r.get('cohort', 'mni')}, {r['scheme']}"
+
+
 def markdown(results: dict) -> str:
-    lines = ["| arm | partition | seed | test AUC [95% CI] | balanced acc. | round | round wall | site bytes/round | "
+    lines = ["| arm | cohort, partition | seed | test AUC [95% CI] | balanced acc. | round | round wall | site bytes/round | "
              "epsilon (delta) |", "|" + "---|" * 9]
-    for key in sorted(results, key=lambda k: (list(ARMS).index(results[k]["arm"]), results[k]["scheme"], results[k]["seed"])):
+    for key in sorted(results, key=lambda k: (list(ARMS).index(results[k]["arm"]), _where(results[k]), results[k]["seed"])):
         r = results[key]
         if r.get("failed"):
-            lines.append(f"| {r['name']} | {r['scheme']} | {r['seed']} | run failed: {r['failed'][:160]} | | | | | |")
+            lines.append(f"| {r['name']} | {_where(r)} | {r['seed']} | run failed: {r['failed'][:160]} | | | | | |")
             continue
         eps = (f"{r['privacy']['epsilon']:.1f} ({r['privacy']['delta']:g})" if r.get("privacy") else "-")
         mb = f"{r['site_bytes_per_round'] / 1e6:.1f} MB" if r.get("site_bytes_per_round") else "n/a"
-        lines.append(f"| {r['name']} | {r['scheme']} | {r['seed']} | {_ci(r['test_auc'])} | {_ci(r['balanced_accuracy'])} | "
+        lines.append(f"| {r['name']} | {_where(r)} | {r['seed']} | {_ci(r['test_auc'])} | {_ci(r['balanced_accuracy'])} | "
                      f"{r['selected_round']} | {r['round_wall_s']:.0f} s | {mb} | {eps} |")
     return "\n".join(lines)
 
@@ -125,8 +161,8 @@ def summary(results: dict) -> str:
     lie above 0.5 (a claim that an arm learns rests on 3 seeds)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results.values():
-        groups.setdefault((r["arm"], r["scheme"]), []).append(r)
-    lines = ["| arm | partition | seeds | test AUC per seed | mean | seeds with CI above 0.5 |", "|" + "---|" * 6]
+        groups.setdefault((r["arm"], _where(r)), []).append(r)
+    lines = ["| arm | cohort, partition | seeds | test AUC per seed | mean | seeds with CI above 0.5 |", "|" + "---|" * 6]
     for (arm, scheme), rs in sorted(groups.items(), key=lambda kv: (list(ARMS).index(kv[0][0]), kv[0][1])):
         rs = sorted(rs, key=lambda r: r["seed"])
         aucs = [None if r.get("failed") else r["test_auc"].get("value") for r in rs]
@@ -145,6 +181,8 @@ def main() -> int:
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--schemes", nargs="*", default=["natural", "dirichlet"], choices=["natural", "dirichlet"])
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
+    p.add_argument("--cohort", choices=COHORTS, default="native",
+                   help="native: make demo's preprocessed scanner-space cohort; mni: the template-space phantom")
     p.add_argument("--markdown", action="store_true", help="print the table from the results so far, run nothing")
     p.add_argument("--retry-failed", action="store_true", help="run again the arms whose stored result is a failure")
     a = p.parse_args()
@@ -160,11 +198,11 @@ def main() -> int:
     for seed in a.seeds:
         for scheme in a.schemes:
             for arm in a.arms:
-                key = f"{arm}-{scheme}-seed{seed}"
+                key = _key(arm, scheme, seed, a.cohort)
                 if key in results and not (a.retry_failed and results[key].get("failed")):
                     print(f"{key}: done already ({store})")
                     continue
-                results[key] = run(arm, scheme, seed, out)
+                results[key] = run(arm, scheme, seed, out, a.cohort)
                 store.write_text(json.dumps(results, indent=2) + "\n")
                 print(markdown({key: results[key]}), flush=True)
     return 0

@@ -57,8 +57,9 @@ def _step(title: str) -> float:
 
 def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["rounds"], subjects: int = DEMO["subjects"],
              seed: int = DEMO["seed"], space: str = "native", preprocess: bool = True,
-             effect: float = DEMO["effect"]) -> dict:
-    """Run the whole demo into ``out``; returns the report dict.
+             effect: float = DEMO["effect"], cohort_only: bool = False) -> RunReport | None:
+    """Run the whole demo into ``out``; returns its report. ``cohort_only`` stops before the federated run
+    (the partition is ``out/data/partition``: benchmarks run their own arms on it) and returns ``None``.
 
     ``seed`` drives everything random: the phantom cohort, the subject split, the partition and the run
     (initialisation, sampling, augmentation, dropout), so two demos with one seed give one result.
@@ -80,7 +81,7 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
     t0 = time.perf_counter()
 
     preprocess = preprocess and space == "native"
-    steps = 6 if preprocess else 5
+    steps = (6 if preprocess else 5) - cohort_only
     step = iter(range(1, steps + 1))
     t = _step(f"{next(step)}/{steps} phantom cohort in {space} space (synthetic, never a clinical result)")
     generate_phantom(data / "download", subjects=subjects, sites=DEMO["sites"], shape=DEMO["shape"],
@@ -110,6 +111,9 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
     t = _step(f"{next(step)}/{steps} partition by acquisition site")
     partition_manifest(manifest, scheme="natural", out=data / "partition", seed=seed)
     print(f"({time.perf_counter() - t:.1f}s)")
+    if cohort_only:
+        print(f"\ncohort ready: {data / 'partition'} ({time.perf_counter() - t0:.0f}s); no federated run (--cohort-only)")
+        return None
 
     t = _step(f"{next(step)}/{steps} federated simulation: {DEMO['sites']} sites, {rounds} rounds, Med3D resnet_10 "
               + ("(MedicalNet weights)" if pretrained else "(from scratch)"))
@@ -137,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--effect", type=float, default=DEMO["effect"],
                    help="PD effect size of the phantom; 0 is the negative control (nothing to learn: test AUC "
                         "should be near 0.5)")
+    p.add_argument("--cohort-only", action="store_true",
+                   help="build the preprocessed, split and partitioned cohort (out/data/partition) and stop")
     a = p.parse_args(argv)
     console()  # the library functions' lines (ingest, split, ...), as fedpd prints them
     try:
         run_demo(a.out, a.pretrained, a.rounds, a.subjects, a.seed, space=a.space, preprocess=not a.no_preprocess,
-                 effect=a.effect)
+                 effect=a.effect, cohort_only=a.cohort_only)
     except FedpdError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2

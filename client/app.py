@@ -42,6 +42,17 @@ LEGACY_FIT_ARRAYS = "fitins.parameters"  # the weights record of Flower's legacy
 FEDBN_STATE = "fedbn-batchnorm"
 
 
+_PARSED: tuple = (None, None)  # (the run-config mapping last parsed, its RunConfig)
+
+
+def _run_config(context: Context) -> RunConfig:
+    """This message's RunConfig, parsed once for its mods and handler (they all read the same mapping)."""
+    global _PARSED
+    if _PARSED[0] is not context.run_config:  # Flower merged the defaults into run_config already
+        _PARSED = (context.run_config, RunConfig.from_mapping(context.run_config, defaults={}))
+    return _PARSED[1]
+
+
 def secure_aggregation_mod(msg: Message, context: Context, call_next):
     """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round (they carry its stage record); any other
     message goes straight on."""
@@ -53,7 +64,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next):
 def size_mod(msg: Message, context: Context, call_next):
     """Flower's ``message_size_mod`` (the size of each message in and out, in the SuperNode's log) when the
     run-config asks for it (``log-message-size``). Outermost: it sees the messages as they travel."""
-    if RunConfig.from_mapping(context.run_config, defaults={}).log_message_size:
+    if _run_config(context).log_message_size:
         return message_size_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -66,7 +77,7 @@ def transport_mod(msg: Message, context: Context, call_next):
     """``transport-dtype = 'float16'`` (common/transport.py): the server's float16 weights are widened to
     float32 before anything else sees them, and a training reply's weights are replaced by the float16 update
     (trained - received). The DP clipping mod inside it clips the float32 update as in any other run."""
-    if (RunConfig.from_mapping(context.run_config, defaults={}).transport_dtype == "float32"
+    if (_run_config(context).transport_dtype == "float32"
             or keys.ARRAYS not in msg.content.array_records):
         return call_next(msg, context)
     received = from_wire({k: v.numpy() for k, v in msg.content[keys.ARRAYS].items()})
@@ -85,7 +96,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next):
     config = msg.content.config_records.get(keys.CONFIG)
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
-    cfg = RunConfig.from_mapping(context.run_config, defaults={})
+    cfg = _run_config(context)
     clip = adaptiveclipping_mod if cfg.dp == "client-adaptive" else fixedclipping_mod
     return clip(msg, context, call_next)
 
@@ -115,7 +126,7 @@ def _startup_seconds() -> float:
 def _setup(msg: Message, context: Context):
     """Shared by train and evaluate: config, site, device, model with the server's weights (and, for fedbn,
     this site's own BatchNorm from earlier rounds)."""
-    cfg = RunConfig.from_mapping(context.run_config, defaults={})  # Flower merged the defaults
+    cfg = _run_config(context)
     site = resolve_site(context.node_config, cfg)
     rt = runtime(cfg.amp)
     deterministic_kernels(rt.device)  # CPU: same seed, same weights (common/device.py)

@@ -358,19 +358,19 @@ class RecordingStrategy(Strategy):
         sites' weights from their updates."""
         if self.transport_dtype == "float32":
             return messages
-        wire: dict[int, ArrayRecord] = {}
+        # id of a record ``inner`` made -> its float16 copy; both stay referenced here, so no id is reused
+        wire: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}
         for msg in messages:
             if keys.ARRAYS not in msg.content.array_records:
                 continue
             record = msg.content[keys.ARRAYS]
-            if any(record is done for done in wire.values()):  # FedAvg shares one RecordDict among messages
-                continue
-            if id(record) not in wire:
+            if id(record) not in wire:  # FedAvg shares one record (even one RecordDict) among its messages
                 weights = {k: v.numpy() for k, v in record.items()}
                 if remember:
                     self._sent = weights
-                wire[id(record)] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in to_wire(weights).items()))
-            msg.content[keys.ARRAYS] = wire[id(record)]
+                rounded = ArrayRecord(OrderedDict((k, Array(v)) for k, v in to_wire(weights).items()))
+                wire[id(record)] = wire[id(rounded)] = (record, rounded)  # a shared RecordDict's second message
+            msg.content[keys.ARRAYS] = wire[id(record)][1]                # already holds the float16 copy
         return messages
 
     def _from_wire(self, msg: Message) -> str | None:

@@ -3,8 +3,10 @@
 fedpd: the ClientApp's own path (``common.learning.train.train_loader`` -> cached MONAI dataset with
 augmentation and the class-balancing sampler -> ``common.learning.train.train_local``), timed in round 2, i.e.
 with the deterministic preprocessing already cached on disk (round 1 fills the cache); also the same with the
-next batch made in a thread while the model trains (``prefetch``, MONAI's ThreadDataLoader). In each repeat:
-the prefetch variant, the bare loop, then the ClientApp's path.
+next batch made in a thread while the model trains (``prefetch``, MONAI's ThreadDataLoader). The three run
+in a rotated order: repeat r starts at variant r mod 3 of (prefetch, bare loop, ClientApp's path), so over
+3 repeats each variant runs once first, once second and once last, and neither the warm-up nor a drift in the
+machine's speed favours one of them.
 torch: the same Med3D, input size, batch size, optimiser and number of samples, on tensors already in
 memory (no data pipeline at all). Both run in this one process, alternately, ``--repeats`` times.
 
@@ -83,19 +85,24 @@ def main() -> None:
         images = torch.randn(len(rows), 1, *cfg.input_shape)
         labels = torch.as_tensor(rows["label"].to_numpy(), dtype=torch.long)
         threaded, ours, bare, pipe = [], [], [], []
+
+        def fedpd_path(seed: int, prefetch: bool) -> float:
+            loader, _, w = train_loader(rows, cfg, cache, seed=seed, prefetch=prefetch)  # as the ClientApp each round
+            res = train_local(model, loader, epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt, class_weights=w)
+            return res.samples_per_second
+
         for r in range(a.repeats):
-            loader, _, w = train_loader(rows, cfg, cache, seed=2 + r, prefetch=True)  # next batch in a thread
-            res = train_local(model, loader, epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt, class_weights=w)
-            threaded.append(res.samples_per_second)
-            bare.append(torch_loop(model, images, labels, a.batch_size, cfg.lr, rt))
-            loader, _, w = train_loader(rows, cfg, cache, seed=2 + r)  # what the ClientApp does each round
-            res = train_local(model, loader, epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt, class_weights=w)
-            ours.append(res.samples_per_second)
+            variants = [lambda: threaded.append(fedpd_path(2 + r, True)),  # next batch in a thread
+                        lambda: bare.append(torch_loop(model, images, labels, a.batch_size, cfg.lr, rt)),
+                        lambda: ours.append(fedpd_path(2 + r, False))]
+            for i in range(len(variants)):
+                variants[(r + i) % len(variants)]()
             loader, _, _ = train_loader(rows, cfg, cache, seed=100 + r)  # the data path alone, no model
             t = time.perf_counter()
             n = sum(len(batch["label"]) for batch in loader)
             pipe.append(n / (time.perf_counter() - t))
     mo, mb = statistics.median(ours), statistics.median(bare)
+    paired = [o / b for o, b in zip(ours, bare)]
     print(f"device {rt.describe()}, torch threads {torch.get_num_threads()}, Med3D resnet_10, input {a.shape}^3, "
           f"batch {a.batch_size}, {len(rows)} scans, num-workers {a.num_workers}, class-balancing {a.class_balancing}")
     print("fedpd site (round >= 2) samples/s: " + ", ".join(f"{x:.2f}" for x in ours) + f"  median {mo:.2f}")
@@ -105,6 +112,7 @@ def main() -> None:
     print("bare torch loop     samples/s: " + ", ".join(f"{x:.2f}" for x in bare) + f"  median {mb:.2f}")
     mp = statistics.median(pipe)
     print("data pipeline alone samples/s: " + ", ".join(f"{x:.1f}" for x in pipe) + f"  median {mp:.1f}")
+    print("ratio fedpd / torch per repeat: " + ", ".join(f"{x:.3f}" for x in paired))
     print(f"ratio fedpd / torch (medians): {mo / mb:.3f}; serial model 1/(1/torch + 1/pipeline) predicts "
           f"{1 / (1 / mb + 1 / mp) / mb:.3f}")
 

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -116,18 +117,22 @@ def _server_error(log: Path) -> str | None:
 _ERROR_LINE = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
 
 
-def _ended(statuses: list[dict], link_log: Path) -> str:
+def _ended(statuses: Sequence[dict], link_log: Path) -> str:
     """How the SuperLink says the run ended (``finished:failed: No heartbeat received from the task``), and the
     problems its log records (the simulation process and Ray write there): the cause of a run that died
     outside the ServerApp, in the error message itself rather than only in a log file."""
-    ended = [f"{r.get('status', '?')}" + (f": {r['status-details']}" if r.get("status-details") else "")
-             for r in statuses[-1:]]
+    text = ""
+    if statuses:  # a simulation SuperLink holds this one run
+        last = statuses[-1]
+        text += f"\nSuperLink's run status: {last.get('status', '?')}" + (
+            f": {last['status-details']}" if last.get("status-details") else "")
     problems = log_problems(link_log)
-    return "".join([f"\nSuperLink's run status: {ended[0]}" if ended else "",
-                    "\nSuperLink's log, last problems:\n  " + "\n  ".join(problems) if problems else ""])
+    if problems:
+        text += "\nSuperLink's log, last problems:\n  " + "\n  ".join(problems)
+    return text
 
 
-def _result(out: Path, code: int, started: float, link_log: Path, statuses: list[dict] = ()) -> RunReport:
+def _result(out: Path, code: int, started: float, link_log: Path, statuses: Sequence[dict] = ()) -> RunReport:
     """The report written by *this* run, or a :class:`SimulationError` that says why there is none.
 
     A run counts only when its ServerApp wrote ``report.json`` after the run started: ``flwr run`` exits 0
@@ -141,5 +146,5 @@ def _result(out: Path, code: int, started: float, link_log: Path, statuses: list
         why = _server_error(log)
         raise SimulationError(f"the run failed{': ' + why if why else ''} (flwr run exit code {code}, "
                               f"{'no new' if not _fresh(report, started) else 'a'} report.json); nothing was reported. "
-                              f"Full log: {log} (SuperLink: {link_log})" + _ended(list(statuses), link_log))
+                              f"Full log: {log} (SuperLink: {link_log})" + _ended(statuses, link_log))
     return load_report(report)

@@ -52,7 +52,8 @@ IMPORTS = (
     ("flwr ClientApp", "import flwr.clientapp, flwr.app"),
     ("torch", "import torch"),
     ("monai (with torch)", "import monai"),
-    ("fedpd client.app (all)", "import client.app"),
+    ("fedpd client.app (thin ClientApp)", "import client.app"),
+    ("fedpd client.handlers (worker)", "import client.handlers"),
 )
 
 

@@ -20,11 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-__all__ = ["Runtime", "select_device", "runtime", "amp_dtype_for", "deterministic_kernels", "process_age"]
+__all__ = ["Runtime", "select_device", "runtime", "amp_dtype_for", "deterministic_kernels"]
 
 
 def select_device(requested: str | None = None) -> torch.device:
@@ -128,19 +127,3 @@ def deterministic_kernels(device: torch.device) -> bool:
         return False
     torch.set_deterministic_debug_mode("warn")
     return True
-
-
-def process_age() -> float | None:
-    """Seconds since this process started, from Linux's ``/proc`` (``None`` elsewhere, or unreadable).
-
-    A site's ClientApp reports it once per process (``startup-seconds``): in a deployment Flower starts a
-    fresh process for every message, so this is the interpreter, Flower, the torch/MONAI/fedpd imports and
-    the message pull that precede every training or evaluation.
-    """
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
-    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time, ticks after boot
-    return max(0.0, uptime - started)

@@ -11,7 +11,7 @@ __all__ = [
     "SETUP_SECONDS", "EVAL_SECONDS", "TIMING_KEYS",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
-    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "ATTACKS", "TRANSPORT_DTYPES", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX",
+    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "ATTACKS", "TRANSPORT_DTYPES", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX", "NODE_SITE_WORKER", "NODE_SITE_WORKER_IDLE",
     "NODE_PARTITION_ID", "NODE_NUM_PARTITIONS",
 ]
 
@@ -50,6 +50,8 @@ NODE_DATA_PATH = "data-path"  # the site's manifest CSV (from fedpd partition)
 NODE_CACHE_DIR = "cache-dir"  # the site's preprocessed-volume cache folder
 NODE_SITE_NAME = "site-name"  # optional: the site's name (default: the manifest's file stem)
 NODE_SITE_INDEX = "site-index"  # optional: the site's seed offset (default: from its name)
+NODE_SITE_WORKER = "site-worker"  # optional: 'false' runs every message in its own ClientApp process (client/worker.py)
+NODE_SITE_WORKER_IDLE = "site-worker-idle"  # optional: seconds the site worker waits for a message before it exits
 # ... and what Flower's simulation gives each virtual SuperNode instead
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"

@@ -126,7 +126,7 @@ def test_nan_aware_mean_skips_sites_without_examples_and_all_nan_metrics():
 
 def _train_replies(sites: list[tuple[int, str, float, float]]) -> list[Message]:
     """Replies built by the ClientApp's own ``_reply`` (weights + metrics + site record)."""
-    from client.app import _reply
+    from client.handlers import _reply
 
     replies = []
     for node, name, value, loss in sites:
@@ -162,7 +162,7 @@ def test_recording_fedavg_aggregates_by_samples_and_records_sites():
 
 
 def test_recording_fedavg_evaluate_uses_nan_aware_mean():
-    from client.app import _reply
+    from client.handlers import _reply
 
     strategy = RecordingFedAvg()
     replies = []
@@ -422,15 +422,14 @@ def _context(node_config: dict, cfg: RunConfig) -> Context:
 def test_startup_seconds_is_the_process_age_for_its_first_message_only(monkeypatch):
     """Deployment starts a process per message, so each reply carries the process's start-up (interpreter,
     Flower, imports); a simulation actor answers many messages and pays it once."""
-    import client.app as client_app
-    from common.device import process_age
+    import client.process as client_process
 
-    monkeypatch.setattr(client_app, "_ANSWERED", False)
-    age = process_age()
+    monkeypatch.setattr(client_process, "_ANSWERED", False)
+    age = client_process.process_age()
     assert age is not None and age > 0  # Linux /proc
-    first = client_app._startup_seconds()
+    first = client_process.startup_seconds()
     assert age <= first <= age + 5
-    assert client_app._startup_seconds() == 0.0
+    assert client_process.startup_seconds() == 0.0
 
 
 @pytest.mark.filterwarnings("ignore::common.learning.metrics.MetricUndefinedWarning")  # an untrained model may predict no PD
@@ -508,7 +507,8 @@ def _bn_weights(state) -> dict:
 def test_fedbn_site_keeps_its_own_batchnorm_between_rounds(tmp_path, med3d_state):
     """fedbn: after round 1 the site keeps every BatchNorm tensor in context.state; in round 2 it trains from
     its own BatchNorm, not the server's (here the server's BatchNorm weights are all 5)."""
-    from client.app import FEDBN_STATE, train
+    from client.app import train
+    from client.handlers import FEDBN_STATE
     from common.learning.model import batchnorm_keys
 
     cfg = make_cfg(strategy="fedbn", lr=1e-3)

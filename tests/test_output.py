@@ -24,7 +24,7 @@ import torch
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from client.app import _reply
+from client.handlers import _reply
 from client.site import Site
 from common import keys
 from common.cohort.manifest import write_manifest

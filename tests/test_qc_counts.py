@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 
-from client.app import _reply
+from client.handlers import _reply
 from client.site import Site
 from common import keys
 from common.cohort.manifest import write_manifest

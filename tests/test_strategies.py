@@ -40,7 +40,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.app import _reply
+from client.handlers import _reply
 from client.site import Site
 from common import keys
 from common.config import DP_STRATEGIES, RunConfig

@@ -15,7 +15,8 @@ import pytest
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from client.app import _reply, transport_mod
+from client.app import transport_mod
+from client.handlers import _reply
 from client.site import Site
 from common import keys
 from common.config import RunConfig

@@ -17,7 +17,7 @@ import pytest
 import torch
 from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 
-from client.app import _reply
+from client.handlers import _reply
 from client.site import Site
 from common import keys
 from common.runs.records import RoundRecord

@@ -1,0 +1,379 @@
+"""The site worker: one long-lived process per deployed site that keeps torch, MONAI, the model and the
+volume cache warm between the messages of a federation.
+
+Why: Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message (FLOWER.md §3). Importing torch
+and MONAI alone takes ~7 s on an idle 2-core machine, twice a round (train, evaluate), more when a machine is
+busy. With the worker, the ``flwr-clientapp`` process stays thin (Flower, numpy and fedpd's mods: no torch,
+no MONAI) and hands each training or evaluation to the worker; the worker runs the very same handlers
+(client/handlers.py) a simulation or a worker-less ClientApp runs in-process.
+
+Lifetime. The first message of a site starts its worker (``python -m client.worker``, from the same app
+folder and interpreter as the ClientApp) and waits until it listens; later messages find it by its socket.
+The worker exits when its SuperNode's process (the ClientApp's parent, Flower's SuperExec) is gone (checked
+twice a second, so a stopped or killed site leaves no training behind), or after ``site-worker-idle``
+seconds without a message. A new app version (another FAB), interpreter or node-config means another
+socket, hence another worker. A worker that dies mid-message fails that message with its log's last lines,
+as a ClientApp exception would; the next message starts a new one.
+
+Security. The socket lies in a folder only this user may enter (``$TMPDIR/fedpd-<uid>``, mode 0700, refused
+if anyone else owns it or may enter), is itself 0600, and the worker answers only processes of its own user
+(the kernel's peer credentials). What crosses it is Flower's own protobuf encoding of the message, the
+Context and the reply, plus a JSON header: nothing is unpickled, nothing executed.
+
+A site turns it off with ``--node-config "... site-worker='false'"``: every message then runs in its own
+ClientApp process, as Flower intends. A simulation never uses it (its Ray actors already persist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.common import log
+from flwr.common.serde import (context_from_proto, context_to_proto, message_from_proto, message_to_proto,
+                               recorddict_from_proto, recorddict_to_proto)
+from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
+
+from common import keys
+from common.errors import ConfigError
+
+__all__ = ["call", "wanted", "serve", "PROTOCOL"]
+
+PROTOCOL = 1  # bumped whenever the frames below change; part of the socket's name
+APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding client/ and common/ (a FAB's install folder)
+DEFAULT_IDLE = 900.0  # seconds without a message after which a worker exits
+START_LIMIT = 600.0  # seconds a ClientApp waits for a new worker to listen (its imports, on a busy machine)
+ACCEPTED = b"\x01"  # the worker's first byte: it read the whole request and starts on it
+_LEN = struct.Struct(">Q")
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+_EXCEPTIONS = {"builtins", "common.errors"}  # modules a worker's exception may be rebuilt from
+
+
+# --- whether to use it --------------------------------------------------------------------------------
+
+
+def wanted(context: Context) -> bool:
+    """Whether this message goes to the site worker: in a deployed ``flwr-clientapp`` process (one process per
+    message), unless the site's node-config says ``site-worker='false'``."""
+    node = context.node_config
+    value = str(node.get(keys.NODE_SITE_WORKER, "true")).strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ConfigError(f"node-config {keys.NODE_SITE_WORKER}={value!r}: choose 'true' (the default) or 'false'")
+    if keys.NODE_PARTITION_ID in node or Path(sys.argv[0]).name != "flwr-clientapp":
+        return False  # a simulation's actors, or a test calling the handlers, already keep everything warm
+    return value in _TRUE
+
+
+def _idle_seconds(context: Context) -> float:
+    raw = context.node_config.get(keys.NODE_SITE_WORKER_IDLE, DEFAULT_IDLE)
+    try:
+        idle = float(raw)
+    except (TypeError, ValueError):
+        idle = -1.0
+    if not idle > 0:
+        raise ConfigError(f"node-config {keys.NODE_SITE_WORKER_IDLE}={raw!r}: give the seconds a site worker waits "
+                          f"for the next message before it exits (a number > 0; default {DEFAULT_IDLE:g})")
+    return idle
+
+
+# --- frames: each part is its length (8 bytes, big-endian) and its bytes ------------------------------
+
+
+def _send(conn: socket.socket, *parts: bytes) -> None:
+    for part in parts:
+        conn.sendall(_LEN.pack(len(part)))
+        conn.sendall(part)
+
+
+def _exactly(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = conn.recv_into(view[got:], n - got)
+        if not k:
+            raise EOFError(f"the connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def _receive(conn: socket.socket, count: int) -> list[bytes]:
+    return [_exactly(conn, _LEN.unpack(_exactly(conn, _LEN.size))[0]) for _ in range(count)]
+
+
+# --- where a site's worker listens --------------------------------------------------------------------
+
+
+def _folder() -> Path:
+    """``$TMPDIR/fedpd-<uid>``: made 0700 if new; refused if another user owns it or may enter it."""
+    folder = Path(tempfile.gettempdir()) / f"fedpd-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+    except OSError as exc:
+        raise ConfigError(f"site worker: cannot make its folder {folder} ({exc}); fix the permissions of "
+                          f"{folder.parent}, or start the SuperNode with --node-config \"... "
+                          f"{keys.NODE_SITE_WORKER}='false'\"") from exc
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(f"site worker: {folder} is not a folder of this user's alone (owner uid {info.st_uid}, "
+                          f"mode {stat.S_IMODE(info.st_mode):o}); remove it (it is made again, 0700), or start the "
+                          f"SuperNode with --node-config \"... {keys.NODE_SITE_WORKER}='false'\"")
+    return folder
+
+
+def socket_path(node_config, owner: int) -> Path:
+    """The socket of the worker that serves this app version, interpreter, site (node-config) and SuperNode."""
+    ident = json.dumps([PROTOCOL, str(APP_DIR), sys.executable, owner,
+                        sorted((str(k), str(v)) for k, v in node_config.items())])
+    return _folder() / f"w-{hashlib.sha256(ident.encode()).hexdigest()[:20]}.sock"
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return "(no log)"
+    return "\n".join(text) or "(empty log)"
+
+
+# --- the ClientApp's side -----------------------------------------------------------------------------
+
+
+def _connect(path: Path) -> socket.socket | None:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):  # no worker, or a dead one's socket
+        conn.close()
+        return None
+    return conn
+
+
+def _start(path: Path, owner: int, idle: float) -> socket.socket:
+    """Start a worker for ``path`` and wait until it accepts a connection."""
+    logfile = path.with_suffix(".log")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APP_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    with open(logfile, "ab") as out:
+        os.fchmod(out.fileno(), 0o600)
+        proc = subprocess.Popen([sys.executable, "-m", "client.worker", "--socket", str(path), "--owner", str(owner),
+                                 "--idle", repr(idle)], cwd=APP_DIR, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, close_fds=True)
+    log(logging.INFO, "site worker: started pid %d (socket %s, log %s)", proc.pid, path, logfile)
+    deadline = time.monotonic() + START_LIMIT
+    while (conn := _connect(path)) is None:
+        if proc.poll() is not None:  # it died, or lost the race to another worker of the same socket: try once more
+            if (conn := _connect(path)) is not None:
+                return conn
+            raise RuntimeError(f"site worker exited with code {proc.returncode} before it listened; its log "
+                               f"{logfile}:\n{_log_tail(logfile)}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"site worker did not listen within {START_LIMIT:.0f} s; its log {logfile}:\n"
+                               f"{_log_tail(logfile)}")
+        time.sleep(0.05)
+    return conn
+
+
+def _rebuild(header: dict) -> Exception:
+    """The worker's exception, as its own class where that is a builtin or fedpd's error (so the message and
+    type read the same as in-process); any other as RuntimeError naming the class."""
+    module, name, text = header.get("module", ""), header.get("type", "Exception"), header.get("message", "")
+    if module in _EXCEPTIONS:
+        cls = getattr(importlib.import_module(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                return cls(text)
+            except Exception:  # noqa: BLE001 - a class whose constructor wants more: fall through
+                pass
+    return RuntimeError(f"{module}.{name}: {text}")
+
+
+def _exchange(conn: socket.socket, request: list[bytes]) -> tuple[bool, list[bytes]]:
+    """Send a request; returns (accepted, response). ``accepted`` False: the worker closed before it read the
+    request (it was exiting), so nothing ran and the request may go to a new worker."""
+    try:
+        _send(conn, *request)
+        if conn.recv(1) != ACCEPTED:
+            return False, []
+    except (BrokenPipeError, ConnectionResetError):
+        return False, []
+    return True, _receive(conn, 3)
+
+
+def call(name: str, msg: Message, context: Context, startup: float) -> Message:
+    """Run handler ``name`` (``train`` / ``evaluate``, client/handlers.py) on this site's worker, starting
+    one if none listens; in this process when the worker is not :func:`wanted`.
+
+    The reply, the site's updated ``context.state`` (fedbn keeps its BatchNorm there) and the handler's log
+    lines come back; a handler's exception is raised here again (same type for builtins and fedpd's errors).
+    """
+    if not wanted(context):
+        from client.handlers import HANDLERS  # torch, MONAI: paid once per process
+
+        return HANDLERS[name](msg, context, startup)
+    owner, idle = os.getppid(), _idle_seconds(context)
+    path = socket_path(context.node_config, owner)
+    entered = time.monotonic()
+    for _ in range(3):
+        conn = _connect(path)
+        if conn is None:
+            conn = _start(path, owner, idle)
+        with conn:
+            # the wait for a new worker's imports is start-up this message paid, like the imports it replaces
+            waited = time.monotonic() - entered
+            header = json.dumps({"protocol": PROTOCOL, "handler": name, "startup": startup + waited}).encode()
+            request = [header, message_to_proto(msg).SerializeToString(), context_to_proto(context).SerializeToString()]
+            try:
+                accepted, response = _exchange(conn, request)
+            except (EOFError, ConnectionResetError) as exc:
+                peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                pid = struct.unpack("3i", peer)[0]
+                raise RuntimeError(f"site worker (pid {pid}) ended while it ran this {name} message ({exc}); its log "
+                                   f"{path.with_suffix('.log')}:\n{_log_tail(path.with_suffix('.log'))}") from exc
+        if accepted:
+            break
+    else:
+        raise RuntimeError(f"site worker at {path} closed 3 connections before reading the message; see "
+                           f"{path.with_suffix('.log')}")
+    head = json.loads(response[0])
+    for level, text in head.get("logs", []):
+        log(int(level), "%s", text)
+    if not head["ok"]:
+        log(logging.ERROR, "site worker: the %s handler raised:\n%s", name, head.get("traceback", ""))
+        raise _rebuild(head)
+    state = recorddict_from_proto(ProtoRecordDict.FromString(response[2]))
+    for key in [k for k in context.state if k not in state]:
+        del context.state[key]
+    for key, record in state.items():
+        context.state[key] = record
+    return Message(recorddict_from_proto(ProtoRecordDict.FromString(response[1])), reply_to=msg)
+
+
+# --- the worker's side --------------------------------------------------------------------------------
+
+
+class _Captured(logging.Handler):
+    """Collects the handler's Flower log records, to be logged again by the ClientApp (the SuperNode's log)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelno, record.getMessage()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch(owner: int) -> None:
+    """Exit at once when the SuperNode's process is gone: a stopped or killed site leaves nothing running."""
+    while _alive(owner):
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _answer(conn: socket.socket, handlers: dict) -> None:
+    header, message, context_bytes = _receive(conn, 3)
+    conn.sendall(ACCEPTED)
+    request = json.loads(header)
+    if request.get("protocol") != PROTOCOL or request.get("handler") not in handlers:
+        _send(conn, json.dumps({"ok": False, "module": "builtins", "type": "RuntimeError", "logs": [],
+                                "message": f"site worker speaks protocol {PROTOCOL} with handlers {sorted(handlers)}; "
+                                           f"got {request.get('protocol')!r} / {request.get('handler')!r}"}).encode(),
+              b"", b"")
+        return
+    msg = message_from_proto(ProtoMessage.FromString(message))
+    context = context_from_proto(ProtoContext.FromString(context_bytes))
+    captured = _Captured()
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(captured)
+    try:
+        reply = handlers[request["handler"]](msg, context, float(request["startup"]))
+        out = [json.dumps({"ok": True, "logs": captured.lines}).encode(),
+               recorddict_to_proto(reply.content).SerializeToString(),
+               recorddict_to_proto(context.state).SerializeToString()]
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the ClientApp, which raises it
+        out = [json.dumps({"ok": False, "logs": captured.lines, "module": type(exc).__module__,
+                           "type": type(exc).__qualname__, "message": str(exc),
+                           "traceback": traceback.format_exc()}).encode(), b"", b""]
+    finally:
+        flwr_logger.removeHandler(captured)
+    _send(conn, *out)
+
+
+def serve(path: Path, owner: int, idle: float) -> int:
+    """Listen at ``path`` and answer one message at a time until the owner is gone or ``idle`` seconds pass."""
+    lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another worker already serves this socket
+    threading.Thread(target=_watch, args=(owner,), daemon=True, name="owner-watch").start()
+    from client.handlers import HANDLERS  # the slow imports, before listening: a listening worker is warm
+
+    path.unlink(missing_ok=True)  # a dead worker's socket
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    os.chmod(path, 0o600)
+    server.listen(8)
+    server.settimeout(idle)
+    log(logging.INFO, "site worker %d: listening at %s for SuperNode process %d", os.getpid(), path, owner)
+    try:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                log(logging.INFO, "site worker %d: no message for %g s, exiting", os.getpid(), idle)
+                return 0
+            with conn:
+                conn.settimeout(None)
+                pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                  struct.calcsize("3i")))
+                if uid != os.getuid():
+                    log(logging.WARNING, "site worker: refused a connection from pid %d of uid %d", pid, uid)
+                    continue
+                try:
+                    _answer(conn, HANDLERS)
+                except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
+                    log(logging.WARNING, "site worker: the ClientApp (pid %d) went away: %s", pid, exc)
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="fedpd's site worker (started by the ClientApp; not for direct use)")
+    p.add_argument("--socket", type=Path, required=True)
+    p.add_argument("--owner", type=int, required=True, help="the SuperNode's process: exit when it is gone")
+    p.add_argument("--idle", type=float, default=DEFAULT_IDLE)
+    a = p.parse_args(argv)
+    return serve(a.socket, a.owner, a.idle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,15 +74,16 @@ def cohort(root: Path, subjects: int, sites: int, shape: int) -> Path:
     return root / "partition"
 
 
-def start_federation(root: Path, partition: Path, procs: list) -> Path:
+def start_federation(root: Path, partition: Path, procs: list, node_extra: str = "") -> Path:
     """A SuperLink and one SuperNode per ``partition/sites/*.csv`` on loopback (appended to ``procs``, for the
-    caller to stop); returns the CLI's FLWR_HOME with a ``deploy`` connection to the SuperLink."""
+    caller to stop), each with ``node_extra`` added to its node-config; returns the CLI's FLWR_HOME with a
+    ``deploy`` connection to the SuperLink."""
     link = start_superlink(root / "link", port=free_port())
     procs.append(link)
     for name in sorted(f.stem for f in (partition / "sites").glob("*.csv")):
         procs.append(start_supernode(root / f"site-{name}", f"127.0.0.1:{link.port}", name=f"site-{name}",
                                      node_config=f"data-path='{partition / 'sites' / f'{name}.csv'}' "
-                                                 f"cache-dir='{root / 'cache' / name}'"))
+                                                 f"cache-dir='{root / 'cache' / name}'{node_extra}"))
     home = root / "cli"
     write_connections(home, {"deploy": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
     return home

@@ -24,6 +24,8 @@ Three measurements, one invocation each:
     .venv/bin/python benchmarks/round_overhead.py sim --rounds 3                # 3 sites, 64^3
     .venv/bin/python benchmarks/round_overhead.py deploy --rounds 3             # 3 SuperNodes, 32^3 input
 
+``deploy --site-worker on off`` runs a second federation whose SuperNodes say ``site-worker='false'``: every
+message then pays a fresh process's imports, as before the site worker (client/worker.py).
 ``deploy`` also runs fedpd a second time with ``transport-dtype=float16`` and both with ``log-message-size``:
 the bytes Flower's ``message_size_mod`` logged at the sites, per message and per site and round (item 2).
 
@@ -171,24 +173,30 @@ def deploy(a: argparse.Namespace) -> None:
     root = a.out or Path(tempfile.mkdtemp(prefix="fedpd-round-overhead-"))
     partition = _cohort(root / "cohort", a.subjects, a.sites, a.shape)
     names = sorted(f.stem for f in (partition / "sites").glob("*.csv"))
-    procs, totals, logs = [], {}, {}
-    try:
-        home = start_federation(root, partition, procs)
-        noop_rc = write_run_config(root / "noop.toml", {
-            "num-server-rounds": a.rounds, "min-nodes": len(names), "out": str(root / "noop.json"),
-            "shapes": str(_shapes_file(root / "shapes.json", a.depth))})
-        totals["no-op"] = _flwr_run(HERE / "noop_app", "deploy", home, noop_rc)
-        for dtype in a.transport:
-            before = {p.pid: len(p.log_text()) for p in procs[1:]}
-            rc = write_run_config(root / f"fedpd-{dtype}.toml", _overrides(a.input, a.batch_size) | {
-                "num-server-rounds": a.rounds, "min-nodes": len(names), "model-depth": a.depth,
-                "transport-dtype": dtype, "log-message-size": True,
-                "server-manifest": str(partition / "server.csv"), "out-dir": str(root / f"run-{dtype}")})
-            totals[dtype] = _flwr_run(APP_DIR, "deploy", home, rc)
-            logs[dtype] = "".join(p.log_text()[before[p.pid]:] for p in procs[1:])
-    finally:
-        for proc in procs:
-            stop(proc)
+    totals, logs, runs = {}, {}, []
+    for worker in a.site_worker:  # one federation each: site-worker is the SuperNodes' node-config
+        procs = []
+        fed = root / f"site-worker-{worker}"
+        try:
+            home = start_federation(fed, partition, procs, node_extra="" if worker == "on" else " site-worker='false'")
+            if not totals:  # Flower's floor, once, in the first federation
+                noop_rc = write_run_config(root / "noop.toml", {
+                    "num-server-rounds": a.rounds, "min-nodes": len(names), "out": str(root / "noop.json"),
+                    "shapes": str(_shapes_file(root / "shapes.json", a.depth))})
+                totals["no-op"] = _flwr_run(HERE / "noop_app", "deploy", home, noop_rc)
+            for dtype in a.transport:
+                key = f"{dtype}, site worker {worker}"
+                before = {p.pid: len(p.log_text()) for p in procs[1:]}
+                rc = write_run_config(fed / f"fedpd-{dtype}.toml", _overrides(a.input, a.batch_size) | {
+                    "num-server-rounds": a.rounds, "min-nodes": len(names), "model-depth": a.depth,
+                    "transport-dtype": dtype, "log-message-size": True,
+                    "server-manifest": str(partition / "server.csv"), "out-dir": str(fed / f"run-{dtype}")})
+                totals[key] = _flwr_run(APP_DIR, "deploy", home, rc)
+                logs[key] = "".join(p.log_text()[before[p.pid]:] for p in procs[1:])
+                runs.append((key, dtype, fed / f"run-{dtype}"))
+        finally:
+            for proc in procs:
+                stop(proc)
     floor = [r["end"] - r["start"] for r in json.loads((root / "noop.json").read_text())]
     print(f"deployment on loopback: {len(names)} SuperNodes, {a.subjects} subjects, {a.shape}^3 phantom, {a.input}^3 "
           f"input, batch {a.batch_size}, resnet_{a.depth}, {a.rounds} round(s) per app; flwr run to exit: "
@@ -196,9 +204,9 @@ def deploy(a: argparse.Namespace) -> None:
     trainable, exchanged = _model_bytes(a.depth)
     print(f"  resnet_{a.depth}: trainable parameters {trainable / 1e6:.1f} MB float32; exchanged state (with BatchNorm "
           f"statistics) {exchanged / 1e6:.1f} MB")
-    for dtype in a.transport:
-        recs = _rounds(root / f"run-{dtype}")
-        print(f"  fedpd, transport-dtype {dtype}:")
+    for key, dtype, run in runs:
+        recs = _rounds(run)
+        print(f"  fedpd, transport-dtype {key}:")
         print(f"  {'round':>5} {'fedpd s':>8} {'floor s':>8} {'train s':>8} {'eval s':>7} {'val s':>6} "
               f"{'above floor s':>13} | per message, slowest site: {'start-up s':>10} {'set-up s':>8}")
         above = []
@@ -216,15 +224,16 @@ def deploy(a: argparse.Namespace) -> None:
                   f"{setup[1]:4.1f}")
         if above:
             print(f"    seconds per round above Flower's floor: median {statistics.median(above):.1f} (target <= 2 s)")
-        got, sent = _sizes(logs[dtype], "Incoming"), _sizes(logs[dtype], "Outgoing")
+        got, sent = _sizes(logs[key], "Incoming"), _sizes(logs[key], "Outgoing")
         if got and sent:
             per_round = (sum(got) + sum(sent)) / (len(names) * a.rounds)
             print(f"    message_size_mod at the sites: received max {max(got) / 1e6:.2f} MB, sent max "
                   f"{max(sent) / 1e6:.2f} MB per message; {per_round / 1e6:.1f} MB per site per round both ways "
                   f"({len(got)} messages in, {len(sent)} out)")
-    if "float32" in logs and "float16" in logs:
-        full = max(_sizes(logs["float32"], "Incoming")) + max(_sizes(logs["float32"], "Outgoing"))
-        half = max(_sizes(logs["float16"], "Incoming")) + max(_sizes(logs["float16"], "Outgoing"))
+    pair = [f"{d}, site worker {a.site_worker[0]}" for d in ("float32", "float16")]
+    if all(k in logs for k in pair):
+        full = max(_sizes(logs[pair[0]], "Incoming")) + max(_sizes(logs[pair[0]], "Outgoing"))
+        half = max(_sizes(logs[pair[1]], "Incoming")) + max(_sizes(logs[pair[1]], "Outgoing"))
         print(f"  float16 / float32 bytes of a training exchange (weights in + update out): {half / full:.3f} "
               "(target <= 0.51)")
 
@@ -247,6 +256,9 @@ def main() -> None:
         if name == "deploy":
             q.add_argument("--transport", nargs="+", choices=("float32", "float16"), default=["float32", "float16"],
                            help="run fedpd once per transport-dtype, after the no-op app")
+            q.add_argument("--site-worker", nargs="+", choices=("on", "off"), default=["on"],
+                           help="one federation per setting: the sites' long-lived worker (client/worker.py) on, "
+                                "or off (a fresh process per message)")
     a = p.parse_args()
     {"imports": imports, "sim": sim, "deploy": deploy}[a.what](a)
 

@@ -290,15 +290,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _watch(owner: int) -> None:
+def _remove(path: Path) -> None:
+    """A worker that ends cleanly leaves nothing behind (one that crashes leaves its log for the ClientApp)."""
+    for suffix in (".sock", ".log", ".lock"):
+        path.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def _watch(owner: int, path: Path) -> None:
     """Exit at once when the SuperNode's process is gone: a stopped or killed site leaves nothing running."""
     while _alive(owner):
         time.sleep(0.5)
+    _remove(path)
     os._exit(0)
 
 
 def _answer(conn: socket.socket, handlers: dict) -> None:
     header, message, context_bytes = _receive(conn, 3)
+    started = time.monotonic()
     conn.sendall(ACCEPTED)
     request = json.loads(header)
     if request.get("protocol") != PROTOCOL or request.get("handler") not in handlers:
@@ -312,8 +320,10 @@ def _answer(conn: socket.socket, handlers: dict) -> None:
     captured = _Captured()
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addHandler(captured)
+    ok = False
     try:
         reply = handlers[request["handler"]](msg, context, float(request["startup"]))
+        ok = True
         out = [json.dumps({"ok": True, "logs": captured.lines}).encode(),
                recorddict_to_proto(reply.content).SerializeToString(),
                recorddict_to_proto(context.state).SerializeToString()]
@@ -324,6 +334,8 @@ def _answer(conn: socket.socket, handlers: dict) -> None:
     finally:
         flwr_logger.removeHandler(captured)
     _send(conn, *out)
+    log(logging.INFO, "site worker %d: %s message of run %d answered (%s) in %.1f s", os.getpid(), request["handler"],
+        context.run_id, "ok" if ok else "error", time.monotonic() - started)
 
 
 def serve(path: Path, owner: int, idle: float) -> int:
@@ -333,7 +345,7 @@ def serve(path: Path, owner: int, idle: float) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # another worker already serves this socket
-    threading.Thread(target=_watch, args=(owner,), daemon=True, name="owner-watch").start()
+    threading.Thread(target=_watch, args=(owner, path), daemon=True, name="owner-watch").start()
     from client.handlers import HANDLERS  # the slow imports, before listening: a listening worker is warm
 
     path.unlink(missing_ok=True)  # a dead worker's socket
@@ -349,6 +361,7 @@ def serve(path: Path, owner: int, idle: float) -> int:
                 conn, _ = server.accept()
             except socket.timeout:
                 log(logging.INFO, "site worker %d: no message for %g s, exiting", os.getpid(), idle)
+                _remove(path)
                 return 0
             with conn:
                 conn.settimeout(None)
@@ -363,7 +376,7 @@ def serve(path: Path, owner: int, idle: float) -> int:
                     log(logging.WARNING, "site worker: the ClientApp (pid %d) went away: %s", pid, exc)
     finally:
         server.close()
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # no new connections; the log stays unless the exit was clean (above)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from common import keys
 from common.errors import ConfigError
 
-__all__ = ["call", "wanted", "serve", "PROTOCOL"]
+__all__ = ["call", "remote", "wanted", "serve", "socket_path", "PROTOCOL"]
 
 PROTOCOL = 1  # bumped whenever the frames below change; part of the socket's name
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding client/ and common/ (a FAB's install folder)
@@ -218,17 +218,22 @@ def _exchange(conn: socket.socket, request: list[bytes]) -> tuple[bool, list[byt
 
 
 def call(name: str, msg: Message, context: Context, startup: float) -> Message:
-    """Run handler ``name`` (``train`` / ``evaluate``, client/handlers.py) on this site's worker, starting
-    one if none listens; in this process when the worker is not :func:`wanted`.
-
-    The reply, the site's updated ``context.state`` (fedbn keeps its BatchNorm there) and the handler's log
-    lines come back; a handler's exception is raised here again (same type for builtins and fedpd's errors).
-    """
+    """Run handler ``name`` (``train`` / ``evaluate``, client/handlers.py) on this site's worker when it is
+    :func:`wanted` (the worker serves the SuperNode that started this process), else in this process."""
     if not wanted(context):
         from client.handlers import HANDLERS  # torch, MONAI: paid once per process
 
         return HANDLERS[name](msg, context, startup)
-    owner, idle = os.getppid(), _idle_seconds(context)
+    return remote(name, msg, context, startup, owner=os.getppid(), idle=_idle_seconds(context))
+
+
+def remote(name: str, msg: Message, context: Context, startup: float, *, owner: int, idle: float) -> Message:
+    """Run handler ``name`` on the worker of this site and ``owner`` (the process whose end ends the worker),
+    starting one (exiting after ``idle`` seconds without a message) if none listens.
+
+    The reply, the site's updated ``context.state`` (fedbn keeps its BatchNorm there) and the handler's log
+    lines come back; a handler's exception is raised here again (same type for builtins and fedpd's errors).
+    """
     path = socket_path(context.node_config, owner)
     entered = time.monotonic()
     for _ in range(3):

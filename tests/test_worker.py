@@ -1,0 +1,188 @@
+"""The site worker (client/worker.py): a real worker process on a real Unix socket, on a tiny 16^3 site.
+
+- it answers a training message exactly as the handler does in-process (same weights, same metrics);
+- fedbn's BatchNorm kept in ``context.state`` comes back from it;
+- a handler's error comes back with its own type and message, and the worker keeps serving;
+- it exits (leaving no socket) when its owner process is gone, or after its idle time;
+- its folder and socket are this user's alone; a folder others may enter is refused;
+- it is used only where Flower starts a process per message, and ``site-worker`` is validated.
+
+The deployment tests (test_deploy.py) show a real SuperNode starting it once and reusing it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from client import handlers, worker
+from common import keys
+from common.errors import ConfigError
+
+try:
+    from test_app_units import _context, _site_context, instruction, make_cfg, med3d_state  # noqa: F401 - fixture
+except ImportError:  # run as a package
+    from tests.test_app_units import _context, _site_context, instruction, make_cfg, med3d_state  # noqa: F401
+
+
+@pytest.fixture
+def owner():
+    """A process standing in for the SuperNode: the worker lives as long as it does."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _worker_pids(path: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"client.worker" in cmd and str(path).encode() in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _wait_gone(path: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _worker_pids(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _worker_pids(path), f"the worker of {path} still runs after {timeout:.0f} s"
+
+
+def _train_message(state: dict, round_: int = 1):
+    arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in state.items()})
+    return instruction(101, RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: round_})}))
+
+
+def test_the_worker_trains_exactly_as_the_handler_in_process_and_keeps_fedbn_state(tmp_path, med3d_state, owner):
+    cfg = make_cfg(strategy="fedbn", lr=1e-3)
+    here, there = _site_context(tmp_path / "a", cfg), _site_context(tmp_path / "b", cfg)
+    there.node_config = here.node_config  # the same site (manifest and cache) for both
+    local = handlers.train(_train_message(med3d_state), here, 0.0)
+    remote = worker.remote("train", _train_message(med3d_state), there, 0.0, owner=owner.pid, idle=120)
+    path = worker.socket_path(there.node_config, owner.pid)
+    try:
+        assert len(_worker_pids(path)) == 1
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        a, b = local.content[keys.ARRAYS], remote.content[keys.ARRAYS]
+        assert list(a) == list(b)
+        assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)  # CPU kernels are deterministic
+        timing = {keys.STARTUP_SECONDS, keys.SETUP_SECONDS, keys.TRAIN_SECONDS, keys.SAMPLES_PER_SECOND}
+        ma, mb = local.content[keys.METRICS], remote.content[keys.METRICS]
+        assert {k: ma[k] for k in ma if k not in timing} == {k: mb[k] for k in mb if k not in timing}
+        assert mb[keys.STARTUP_SECONDS] > 0  # the wait for the worker's imports counts as this message's start-up
+        assert dict(remote.content[keys.SITE]) == dict(local.content[keys.SITE])
+        assert remote.metadata.reply_to_message_id == "msg-101"
+        kept_here, kept_there = (c.state[handlers.FEDBN_STATE].to_torch_state_dict() for c in (here, there))
+        assert list(kept_here) == list(kept_there)
+        assert all(torch.equal(kept_here[k], kept_there[k]) for k in kept_here)
+
+        # round 2 on the same (warm) worker starts from the site's own BatchNorm, as in-process
+        local2 = handlers.train(_train_message(med3d_state, 2), here, 0.0)
+        remote2 = worker.remote("train", _train_message(med3d_state, 2), there, 0.0, owner=owner.pid, idle=120)
+        a, b = local2.content[keys.ARRAYS], remote2.content[keys.ARRAYS]
+        assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+        assert remote2.content[keys.METRICS][keys.STARTUP_SECONDS] < mb[keys.STARTUP_SECONDS]  # no worker to wait for
+        assert len(_worker_pids(path)) == 1  # the same worker answered
+    finally:
+        owner.kill()
+        owner.wait()
+    _wait_gone(path)  # its SuperNode is gone: so is the worker, and it left nothing behind
+    assert not [p for p in path.parent.glob(path.stem + ".*")]
+
+
+def test_a_handler_error_comes_back_with_its_type_and_the_worker_keeps_serving(tmp_path, med3d_state, owner):
+    cfg = make_cfg(attack="sign-flip", **{"attack-site": "site"})  # this deployed site is "site": refused
+    ctx = _site_context(tmp_path, cfg)
+    with pytest.raises(ConfigError) as in_process:
+        handlers.train(_train_message(med3d_state), ctx, 0.0)
+    with pytest.raises(ConfigError) as there:
+        worker.remote("train", _train_message(med3d_state), ctx, 0.0, owner=owner.pid, idle=120)
+    assert str(there.value) == str(in_process.value)
+    assert "for simulations only" in str(there.value)
+    reply = worker.remote("evaluate", instruction(101, RecordDict({keys.ARRAYS: _train_message(med3d_state).content[keys.ARRAYS],
+                                                                   keys.CONFIG: ConfigRecord({})}), "evaluate"),
+                          ctx, 0.0, owner=owner.pid, idle=120)
+    assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 2
+
+
+def test_an_idle_worker_exits_by_itself_and_the_next_message_starts_another(tmp_path, med3d_state, owner):
+    ctx = _site_context(tmp_path, make_cfg())
+    msg = instruction(101, RecordDict({keys.ARRAYS: _train_message(med3d_state).content[keys.ARRAYS],
+                                       keys.CONFIG: ConfigRecord({})}), "evaluate")
+    worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=2)
+    path = worker.socket_path(ctx.node_config, owner.pid)
+    (first,) = _worker_pids(path)
+    _wait_gone(path)
+    assert not path.exists()
+    worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=2)
+    assert _worker_pids(path) and first not in _worker_pids(path)
+
+
+def test_a_worker_killed_mid_message_fails_that_message_with_its_log(tmp_path, med3d_state, owner):
+    cfg = make_cfg(**{"local-epochs": 50})
+    ctx = _site_context(tmp_path, cfg)
+    path = worker.socket_path(ctx.node_config, owner.pid)
+
+    def kill_when_training():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if path.exists() and _worker_pids(path):
+                time.sleep(2.0)  # it accepted the message and trains for its 50 epochs
+                for pid in _worker_pids(path):
+                    os.kill(pid, 9)
+                return
+            time.sleep(0.1)
+
+    import threading
+
+    killer = threading.Thread(target=kill_when_training)
+    killer.start()
+    with pytest.raises(RuntimeError, match=r"site worker \(pid \d+\) ended while it ran this train message"):
+        worker.remote("train", _train_message(med3d_state), ctx, 0.0, owner=owner.pid, idle=120)
+    killer.join()
+
+
+def test_a_worker_folder_others_may_enter_is_refused(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"fedpd-{os.getuid()}"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    with pytest.raises(ConfigError, match=r"not a folder of this user's alone .*mode 755.*site-worker='false'"):
+        worker.socket_path({"data-path": "x"}, 1)
+    folder.chmod(0o700)
+    assert worker.socket_path({"data-path": "x"}, 1).parent == folder
+
+
+def test_the_worker_is_wanted_only_where_flower_starts_a_process_per_message(monkeypatch):
+    ctx = _context({"data-path": "/site.csv", "cache-dir": "/cache"}, make_cfg())
+    assert not worker.wanted(ctx)  # pytest is not flwr-clientapp: the handlers run here
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/flwr-clientapp", "--insecure"])
+    assert worker.wanted(ctx)
+    ctx.node_config = ctx.node_config | {keys.NODE_SITE_WORKER: "false"}
+    assert not worker.wanted(ctx)
+    ctx.node_config = ctx.node_config | {keys.NODE_SITE_WORKER: "maybe"}
+    with pytest.raises(ConfigError, match=r"site-worker='maybe': choose 'true' \(the default\) or 'false'"):
+        worker.wanted(ctx)
+    sim = _context({keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: 3}, make_cfg())
+    assert not worker.wanted(sim)  # a simulation's actors keep everything warm already
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(ConfigError, match="site-worker-idle"):
+            worker._idle_seconds(_context({keys.NODE_SITE_WORKER_IDLE: bad}, make_cfg()))

@@ -10,8 +10,11 @@ no MONAI) and hands each training or evaluation to the worker; the worker runs t
 Lifetime. The first message of a site starts its worker (``python -m client.worker``, from the same app
 folder and interpreter as the ClientApp) and waits until it listens; later messages find it by its socket.
 The worker exits when its SuperNode's process (the ClientApp's parent, Flower's SuperExec) is gone (checked
-twice a second, so a stopped or killed site leaves no training behind), or after ``site-worker-idle``
-seconds without a message. A new app version (another FAB), interpreter or node-config means another
+twice a second, so a stopped or killed site leaves no training behind), when it is signalled (SIGTERM,
+SIGINT, SIGHUP: it shares the SuperNode's process group, so stopping the group or Ctrl-C stops it), or after
+``site-worker-idle`` seconds without a message; each way it removes its socket, lock and log. A worker
+killed outright (SIGKILL, a crash) cannot: the next worker started on the machine removes its socket and lock
+and, after 7 days, its log. A new app version (another FAB), interpreter or node-config means another
 socket, hence another worker. A worker that dies mid-message fails that message with its log's last lines,
 as a ClientApp exception would; the next message starts a new one.
 
@@ -33,6 +36,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
@@ -61,6 +65,7 @@ PROTOCOL = 1  # bumped whenever the frames below change; part of the socket's na
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding client/ and common/ (a FAB's install folder)
 DEFAULT_IDLE = 900.0  # seconds without a message after which a worker exits
 START_LIMIT = 600.0  # seconds a ClientApp waits for a new worker to listen (its imports, on a busy machine)
+KEEP_LOGS = 7 * 24 * 3600.0  # seconds a dead worker's log is kept (it explains the message that failed)
 ACCEPTED = b"\x01"  # the worker's first byte: it read the whole request and starts on it
 _LEN = struct.Struct(">Q")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -166,8 +171,36 @@ def _connect(path: Path) -> socket.socket | None:
     return conn
 
 
+def _sweep(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove what dead workers left (a killed worker cannot clean up): the socket and lock of every worker
+    whose lock no process holds, and their logs after :data:`KEEP_LOGS` seconds. Returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for lock_path in folder.glob("w-*.lock"):
+        try:
+            if now - lock_path.stat().st_mtime < 60:  # a worker opens its lock a moment before it takes it
+                continue
+            with open(lock_path, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a live worker holds it
+                for suffix in (".sock", ".lock"):
+                    if lock_path.with_suffix(suffix).exists():
+                        lock_path.with_suffix(suffix).unlink()
+                        removed.append(lock_path.with_suffix(suffix))
+        except (BlockingIOError, OSError):
+            continue
+    for log_path in folder.glob("w-*.log"):
+        try:
+            if not log_path.with_suffix(".lock").exists() and now - log_path.stat().st_mtime > KEEP_LOGS:
+                log_path.unlink()
+                removed.append(log_path)
+        except OSError:
+            continue
+    return removed
+
+
 def _start(path: Path, owner: int, idle: float) -> socket.socket:
     """Start a worker for ``path`` and wait until it accepts a connection."""
+    _sweep(path.parent)
     logfile = path.with_suffix(".log")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APP_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]))
     with open(logfile, "ab") as out:
@@ -301,6 +334,15 @@ def _remove(path: Path) -> None:
         path.with_suffix(suffix).unlink(missing_ok=True)
 
 
+def _on_signal(path: Path):
+    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        log(logging.INFO, "site worker %d: %s, exiting", os.getpid(), signal.Signals(signum).name)
+        _remove(path)
+        os._exit(0)
+
+    return stop
+
+
 def _watch(owner: int, path: Path) -> None:
     """Exit at once when the SuperNode's process is gone: a stopped or killed site leaves nothing running."""
     while _alive(owner):
@@ -346,11 +388,17 @@ def _answer(conn: socket.socket, handlers: dict) -> None:
 def serve(path: Path, owner: int, idle: float) -> int:
     """Listen at ``path`` and answer one message at a time until the owner is gone or ``idle`` seconds pass."""
     lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the process's life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return 0  # another worker already serves this socket
+    for attempt in range(50):  # a killed worker's lock is dropped by the kernel a moment after its death
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == 49:
+                return 0  # another worker serves this socket (its ClientApp connects to that one)
+            time.sleep(0.1)
     threading.Thread(target=_watch, args=(owner, path), daemon=True, name="owner-watch").start()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the SuperNode's stop reaches its group
+        signal.signal(signum, _on_signal(path))
     from client.handlers import HANDLERS  # the slow imports, before listening: a listening worker is warm
 
     path.unlink(missing_ok=True)  # a dead worker's socket

@@ -308,6 +308,10 @@ def test_two_sites_train_over_tls_with_authentication(federation):
         assert procs[site].popen.poll() is None, procs[site].log_text()[-2000:]
         assert federation["nodes"][federation["node_ids"][site]] == "online"
         assert f"SuperNode ID: {federation['node_ids'][site]}" in procs[site].log_text()
+        # one site worker (client/worker.py) answered both of the round's messages: started once, not per message
+        text = procs[site].log_text()
+        assert text.count("Receiving: train message") == 1 and text.count("Receiving: evaluate message") == 1
+        assert text.count("site worker: started pid") == 1, text[-3000:]
 
 
 @slow

@@ -13,6 +13,7 @@ The deployment tests (test_deploy.py) show a real SuperNode starting it once and
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -57,11 +58,20 @@ def _worker_pids(path: Path) -> list[int]:
     return pids
 
 
+def _exited(pid: int) -> bool:
+    """Gone or a zombie: its files (and so its lock) are closed. (An exiting process's cmdline empties first.)"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
 def _wait_gone(path: Path, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while _worker_pids(path) and time.monotonic() < deadline:
+    pids = _worker_pids(path)
+    while not all(map(_exited, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _worker_pids(path), f"the worker of {path} still runs after {timeout:.0f} s"
+    assert all(map(_exited, pids)), f"the worker of {path} still runs after {timeout:.0f} s"
 
 
 def _train_message(state: dict, round_: int = 1):
@@ -161,6 +171,38 @@ def test_a_worker_killed_mid_message_fails_that_message_with_its_log(tmp_path, m
         killer.join()
     assert "listening at" in str(e.value)  # the worker's log tail comes with the error
     assert not _worker_pids(path)
+
+
+def test_a_signalled_worker_cleans_up_and_a_killed_ones_leftovers_are_swept(tmp_path, med3d_state, owner):
+    ctx = _site_context(tmp_path, make_cfg())
+    msg = instruction(101, RecordDict({keys.ARRAYS: _train_message(med3d_state).content[keys.ARRAYS],
+                                       keys.CONFIG: ConfigRecord({})}), "evaluate")
+    worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=120)
+    path = worker.socket_path(ctx.node_config, owner.pid)
+    (pid,) = _worker_pids(path)
+    os.kill(pid, signal.SIGTERM)  # what stopping the SuperNode's process group sends
+    _wait_gone(path)
+    assert not list(path.parent.glob(path.stem + ".*"))
+
+    worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=120)
+    (pid,) = _worker_pids(path)
+    os.kill(pid, signal.SIGKILL)  # no chance to clean up
+    _wait_gone(path)
+    left = sorted(p.suffix for p in path.parent.glob(path.stem + ".*"))
+    assert left == [".lock", ".log", ".sock"]
+    swept = worker._sweep(path.parent)
+    assert path not in swept and path.with_suffix(".lock") not in swept  # too new to tell from a worker starting up
+    later, swept, deadline = time.time() + 120, set(), time.monotonic() + 20
+    while not swept >= {path, path.with_suffix(".lock")} and time.monotonic() < deadline:
+        swept |= set(worker._sweep(path.parent, later))  # the kernel drops a killed process's lock a moment after
+        time.sleep(0.2)
+    assert swept >= {path, path.with_suffix(".lock")}
+    assert path.with_suffix(".log").exists()  # kept: it may explain a failed message
+    assert path.with_suffix(".log") in worker._sweep(path.parent, later + worker.KEEP_LOGS)
+
+    worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=120)  # a live worker's files are never swept
+    assert path.with_suffix(".log") not in worker._sweep(path.parent, time.time() + 10 * worker.KEEP_LOGS)
+    assert path.exists() and _worker_pids(path)
 
 
 def test_a_worker_folder_others_may_enter_is_refused(tmp_path, monkeypatch):

@@ -204,6 +204,15 @@ def test_start_scripts_secure_by_default_and_insecure_warns(kit, tmp_path):
     insecure = _script(node, "--insecure", "--dry-run")
     assert "--insecure" in insecure.stdout and "--auth-supernode-private-key" not in insecure.stdout
     assert "WARNING: --insecure" in insecure.stderr
+    config = node.parent / "node-config.toml"
+    filled = config.read_text()
+    for line, named in (('site-worker = "maybe"', 'site-worker = \'maybe\''), ("site-worker-idle = 0", "site-worker-idle = 0")):
+        config.write_text(filled + line + "\n")
+        bad = _script(node, "--dry-run")
+        assert bad.returncode == 1 and named in bad.stderr and "node-config.toml" in bad.stderr, bad.stderr
+    config.write_text(filled + 'site-worker = "false"\nsite-worker-idle = 60\n')
+    assert _script(node, "--dry-run").returncode == 0
+    config.write_text(filled)
     os.chmod(node.parent / "site-A.key", 0o644)
     loose = _script(node, "--dry-run")
     assert loose.returncode == 1 and "chmod 600" in loose.stderr

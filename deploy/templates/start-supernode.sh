@@ -66,6 +66,15 @@ if not data.is_file():
     sys.exit(f"start-supernode.sh: error: data-path {data} (in {path}) is not a file; point it at this site's manifest CSV")
 if not data.is_absolute() or not Path(str(cfg["cache-dir"])).expanduser().is_absolute():
     sys.exit(f"start-supernode.sh: error: data-path and cache-dir in {path} must be absolute paths")
+worker = str(cfg.get("site-worker", "true")).strip().lower()
+if worker not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+    sys.exit(f"start-supernode.sh: error: site-worker = {cfg['site-worker']!r} in {path}: choose \"true\" (the default) or \"false\"")
+try:
+    idle = float(cfg.get("site-worker-idle", 900))
+except (TypeError, ValueError):
+    idle = -1.0
+if not idle > 0:
+    sys.exit(f"start-supernode.sh: error: site-worker-idle = {cfg['site-worker-idle']!r} in {path}: give seconds, a number > 0")
 CHECK
 
 args=()

@@ -197,7 +197,8 @@ def deploy(a: argparse.Namespace) -> None:
         finally:
             for proc in procs:
                 stop(proc)
-    floor = [r["end"] - r["start"] for r in json.loads((root / "noop.json").read_text())]
+    noop = json.loads((root / "noop.json").read_text())
+    floor = [r["end"] - r["start"] for r in noop]
     print(f"deployment on loopback: {len(names)} SuperNodes, {a.subjects} subjects, {a.shape}^3 phantom, {a.input}^3 "
           f"input, batch {a.batch_size}, resnet_{a.depth}, {a.rounds} round(s) per app; flwr run to exit: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items()))
@@ -208,9 +209,9 @@ def deploy(a: argparse.Namespace) -> None:
         recs = _rounds(run)
         print(f"  fedpd, transport-dtype {key}:")
         print(f"  {'round':>5} {'fedpd s':>8} {'floor s':>8} {'train s':>8} {'eval s':>7} {'val s':>6} "
-              f"{'above floor s':>13} | per message, slowest site: {'start-up s':>10} {'set-up s':>8}")
+              f"{'above floor s':>13} | per message, slowest site: {'start-up s':>10} {'(no-op s)':>9} {'set-up s':>8}")
         above = []
-        for r, base in zip(recs, floor):
+        for r, base, nr in zip(recs, floor, noop):
             train = _site_sum(r, "sites", keys.TRAIN_SECONDS, max)
             site_eval = _site_sum(r, "site_eval", keys.EVAL_SECONDS, max)
             val = float(r["val"].get("seconds") or 0.0)
@@ -220,7 +221,8 @@ def deploy(a: argparse.Namespace) -> None:
                        _site_sum(r, "site_eval", keys.STARTUP_SECONDS, max))
             setup = (_site_sum(r, "sites", keys.SETUP_SECONDS, max), _site_sum(r, "site_eval", keys.SETUP_SECONDS, max))
             print(f"  {r['round']:>5} {r['wall_seconds']:8.1f} {base:8.1f} {train:8.1f} {site_eval:7.1f} {val:6.1f} "
-                  f"{extra:13.1f} | train {startup[0]:5.1f} / eval {startup[1]:5.1f}   train {setup[0]:4.1f} / eval "
+                  f"{extra:13.1f} | train {startup[0]:5.1f} / eval {startup[1]:5.1f} "
+                  f"({nr.get('startup-train', 0.0):4.1f} / {nr.get('startup-evaluate', 0.0):4.1f})   train {setup[0]:4.1f} / eval "
                   f"{setup[1]:4.1f}")
         if above:
             print(f"    seconds per round above Flower's floor: median {statistics.median(above):.1f} (target <= 2 s)")

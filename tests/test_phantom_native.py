@@ -22,7 +22,6 @@ from scipy import ndimage
 
 from common.errors import DataError
 from simulation import phantom
-from simulation.phantom import generate_phantom
 
 COHORT = {"subjects": 12, "sites": 3, "shape": 24, "seed": 5}
 # What space="mni" writes, pinned when native space arrived (issue 13) with the code as it was before `space`

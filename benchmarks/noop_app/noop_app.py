@@ -3,12 +3,15 @@
 The ServerApp sends an ArrayRecord of fedpd's exchanged shapes (zeros) to every node in a train and an
 evaluate message per round, with Flower's FedAvg; the ClientApp answers the train message with the arrays
 it got and the evaluate message with a count. Each round's start (``configure_train``) and end (after the
-evaluate replies) go to the run-config's ``out`` JSON file, as fedpd's ``rounds.jsonl`` times its rounds.
+evaluate replies) go to the run-config's ``out`` JSON file, as fedpd's ``rounds.jsonl`` times its rounds,
+with the slowest ClientApp process's age when its handler ran (``startup-seconds``, as fedpd's sites report it):
+Flower's own start-up of a message, which fedpd's per-message start-up is compared against.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -23,14 +26,38 @@ server = ServerApp()
 client = ClientApp()
 
 
+def _age() -> float:
+    """Seconds since this process started (Linux /proc), the measure fedpd's ``startup-seconds`` uses."""
+    with open("/proc/self/stat") as fh:
+        start_ticks = float(fh.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as fh:
+        uptime = float(fh.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 class _Timed(FedAvg):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.started: dict[int, float] = {}
+        self.startup: dict[tuple[int, str], float] = {}
 
     def configure_train(self, server_round, arrays, config, grid):
         self.started[server_round] = time.time()
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _slowest(self, server_round, replies, kind):
+        ages = [m.content["metrics"]["startup-seconds"] for m in replies if m.has_content()]
+        self.startup[(server_round, kind)] = max(ages, default=0.0)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self._slowest(server_round, replies, "train")
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        self._slowest(server_round, replies, "evaluate")
+        return super().aggregate_evaluate(server_round, replies)
 
 
 @server.main()
@@ -45,7 +72,9 @@ def main(grid: Grid, context: Context) -> None:
 
     def done(server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            rounds.append({"round": server_round, "start": strategy.started[server_round], "end": time.time()})
+            rounds.append({"round": server_round, "start": strategy.started[server_round], "end": time.time(),
+                           "startup-train": strategy.startup.get((server_round, "train"), 0.0),
+                           "startup-evaluate": strategy.startup.get((server_round, "evaluate"), 0.0)})
         return None
 
     strategy.start(grid=grid, initial_arrays=arrays, num_rounds=int(rc["num-server-rounds"]), evaluate_fn=done)
@@ -54,10 +83,12 @@ def main(grid: Grid, context: Context) -> None:
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})})
+    age = _age()
+    content = RecordDict({"arrays": msg.content["arrays"],
+                          "metrics": MetricRecord({"num-examples": 1, "startup-seconds": age})})
     return Message(content, reply_to=msg)
 
 
 @client.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "startup-seconds": _age()})}), reply_to=msg)

@@ -79,6 +79,11 @@ def _train_message(state: dict, round_: int = 1):
     return instruction(101, RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: round_})}))
 
 
+def _evaluate_message(state: dict):
+    arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in state.items()})
+    return instruction(101, RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({})}), "evaluate")
+
+
 def test_the_worker_trains_exactly_as_the_handler_in_process_and_keeps_fedbn_state(tmp_path, med3d_state, owner):
     cfg = make_cfg(strategy="fedbn", lr=1e-3)
     here, there = _site_context(tmp_path / "a", cfg), _site_context(tmp_path / "b", cfg)
@@ -126,16 +131,13 @@ def test_a_handler_error_comes_back_with_its_type_and_the_worker_keeps_serving(t
         worker.remote("train", _train_message(med3d_state), ctx, 0.0, owner=owner.pid, idle=120)
     assert str(there.value) == str(in_process.value)
     assert "for simulations only" in str(there.value)
-    reply = worker.remote("evaluate", instruction(101, RecordDict({keys.ARRAYS: _train_message(med3d_state).content[keys.ARRAYS],
-                                                                   keys.CONFIG: ConfigRecord({})}), "evaluate"),
-                          ctx, 0.0, owner=owner.pid, idle=120)
+    reply = worker.remote("evaluate", _evaluate_message(med3d_state), ctx, 0.0, owner=owner.pid, idle=120)
     assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 2
 
 
 def test_an_idle_worker_exits_by_itself_and_the_next_message_starts_another(tmp_path, med3d_state, owner):
     ctx = _site_context(tmp_path, make_cfg())
-    msg = instruction(101, RecordDict({keys.ARRAYS: _train_message(med3d_state).content[keys.ARRAYS],
-                                       keys.CONFIG: ConfigRecord({})}), "evaluate")
+    msg = _evaluate_message(med3d_state)
     worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=2)
     path = worker.socket_path(ctx.node_config, owner.pid)
     (first,) = _worker_pids(path)
@@ -175,8 +177,7 @@ def test_a_worker_killed_mid_message_fails_that_message_with_its_log(tmp_path, m
 
 def test_a_signalled_worker_cleans_up_and_a_killed_ones_leftovers_are_swept(tmp_path, med3d_state, owner):
     ctx = _site_context(tmp_path, make_cfg())
-    msg = instruction(101, RecordDict({keys.ARRAYS: _train_message(med3d_state).content[keys.ARRAYS],
-                                       keys.CONFIG: ConfigRecord({})}), "evaluate")
+    msg = _evaluate_message(med3d_state)
     worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=120)
     path = worker.socket_path(ctx.node_config, owner.pid)
     (pid,) = _worker_pids(path)

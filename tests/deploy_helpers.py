@@ -84,6 +84,19 @@ def start_sites(partition: Path, tmp_path: Path, link: Proc, names: list[str],
     return sites
 
 
+def processes() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every process, read from /proc (ps truncates long command lines)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            found.append((int(entry.name), [a.decode(errors="replace") for a in argv if a]))
+    return found
+
+
 def cmdline(pid: int) -> str:
     try:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -24,10 +24,10 @@ from common.runs.rundir import RunDir, git_commit
 from simulation.flower import APP_DIR, BIN, flwr_env, free_port, write_connections, write_run_config
 
 try:
-    from deploy_helpers import SMALL, make_cohort
+    from deploy_helpers import SMALL, make_cohort, processes
     from deploy_helpers import rounds as _rounds
 except ImportError:  # run as a package
-    from tests.deploy_helpers import SMALL, make_cohort
+    from tests.deploy_helpers import SMALL, make_cohort, processes
     from tests.deploy_helpers import rounds as _rounds
 
 pytestmark = pytest.mark.slow
@@ -37,19 +37,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("cohort")) / "partition"
-
-
-def _processes() -> list[tuple[int, list[str]]]:
-    """(pid, argv) of every process, read from /proc (ps truncates long command lines)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            found.append((int(entry.name), [a.decode(errors="replace") for a in argv if a]))
-    return found
 
 
 def _wait_gone(pid: int, timeout: float = 20.0) -> None:
@@ -116,7 +103,7 @@ def test_flwr_run_local_simulation(cohort, tmp_path):
     finally:
         # the CLI leaves its SuperLink running (FLOWER.md §2): find it by its port and stop it by PID
         port = ports["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-        pids = [pid for pid, args in _processes() if "flower-superlink" in " ".join(args) and port in args]
+        pids = [pid for pid, args in processes() if "flower-superlink" in " ".join(args) and port in args]
         assert pids, "the local SuperLink started by flwr run was not found"
         for pid in pids:
             os.kill(pid, signal.SIGTERM)

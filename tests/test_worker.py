@@ -31,8 +31,10 @@ from common import keys
 from common.errors import ConfigError
 
 try:
+    from deploy_helpers import processes
     from test_app_units import _context, _site_context, instruction, make_cfg, med3d_state  # noqa: F401 - fixture
 except ImportError:  # run as a package
+    from tests.deploy_helpers import processes
     from tests.test_app_units import _context, _site_context, instruction, make_cfg, med3d_state  # noqa: F401
 
 
@@ -46,16 +48,7 @@ def owner():
 
 
 def _worker_pids(path: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"client.worker" in cmd and str(path).encode() in cmd:
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid, argv in processes() if "client.worker" in argv and str(path) in argv]
 
 
 def _exited(pid: int) -> bool:
@@ -82,6 +75,15 @@ def _train_message(state: dict, round_: int = 1):
 def _evaluate_message(state: dict):
     arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in state.items()})
     return instruction(101, RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({})}), "evaluate")
+
+
+def _one_worker(tmp_path: Path, state: dict, owner, idle: float):
+    """A site whose worker answered one evaluate message: (context, message, socket, the worker's pid)."""
+    ctx, msg = _site_context(tmp_path, make_cfg()), _evaluate_message(state)
+    worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=idle)
+    path = worker.socket_path(ctx.node_config, owner.pid)
+    (pid,) = _worker_pids(path)
+    return ctx, msg, path, pid
 
 
 def test_the_worker_trains_exactly_as_the_handler_in_process_and_keeps_fedbn_state(tmp_path, med3d_state, owner):
@@ -136,11 +138,7 @@ def test_a_handler_error_comes_back_with_its_type_and_the_worker_keeps_serving(t
 
 
 def test_an_idle_worker_exits_by_itself_and_the_next_message_starts_another(tmp_path, med3d_state, owner):
-    ctx = _site_context(tmp_path, make_cfg())
-    msg = _evaluate_message(med3d_state)
-    worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=2)
-    path = worker.socket_path(ctx.node_config, owner.pid)
-    (first,) = _worker_pids(path)
+    ctx, msg, path, first = _one_worker(tmp_path, med3d_state, owner, idle=2)
     _wait_gone(path)
     assert not path.exists()
     worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=2)
@@ -176,11 +174,7 @@ def test_a_worker_killed_mid_message_fails_that_message_with_its_log(tmp_path, m
 
 
 def test_a_signalled_worker_cleans_up_and_a_killed_ones_leftovers_are_swept(tmp_path, med3d_state, owner):
-    ctx = _site_context(tmp_path, make_cfg())
-    msg = _evaluate_message(med3d_state)
-    worker.remote("evaluate", msg, ctx, 0.0, owner=owner.pid, idle=120)
-    path = worker.socket_path(ctx.node_config, owner.pid)
-    (pid,) = _worker_pids(path)
+    ctx, msg, path, pid = _one_worker(tmp_path, med3d_state, owner, idle=120)
     os.kill(pid, signal.SIGTERM)  # what stopping the SuperNode's process group sends
     _wait_gone(path)
     assert not list(path.parent.glob(path.stem + ".*"))

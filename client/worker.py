@@ -173,7 +173,7 @@ def _connect(path: Path) -> socket.socket | None:
 
 def _sweep(folder: Path, now: float | None = None) -> list[Path]:
     """Remove what dead workers left (a killed worker cannot clean up): the socket and lock of every worker
-    whose lock no process holds, and their logs after :data:`KEEP_LOGS` seconds. Returns the paths cleared."""
+    whose lock no process holds, and their logs after :data:`KEEP_LOGS` seconds. Returns what was removed."""
     now = time.time() if now is None else now
     removed = []
     for lock_path in folder.glob("w-*.lock"):
@@ -182,10 +182,11 @@ def _sweep(folder: Path, now: float | None = None) -> list[Path]:
                 continue
             with open(lock_path, "a") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a live worker holds it
-                for leftover in (lock_path.with_suffix(".sock"), lock_path):
-                    leftover.unlink(missing_ok=True)
-                    removed.append(leftover)
-        except OSError:  # held by a live worker (BlockingIOError), or gone meanwhile
+                for suffix in (".sock", ".lock"):
+                    if lock_path.with_suffix(suffix).exists():
+                        lock_path.with_suffix(suffix).unlink()
+                        removed.append(lock_path.with_suffix(suffix))
+        except (BlockingIOError, OSError):
             continue
     for log_path in folder.glob("w-*.log"):
         try:

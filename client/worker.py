@@ -186,7 +186,7 @@ def _sweep(folder: Path, now: float | None = None) -> list[Path]:
                     if lock_path.with_suffix(suffix).exists():
                         lock_path.with_suffix(suffix).unlink()
                         removed.append(lock_path.with_suffix(suffix))
-        except (BlockingIOError, OSError):
+        except OSError:  # held by a live worker (BlockingIOError is an OSError), or removed meanwhile
             continue
     for log_path in folder.glob("w-*.log"):
         try:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from common.keys import PARTITION_SCHEMES
 
-__all__ = ["main", "build_parser", "console", "COMMANDS_GROUP"]
+__all__ = ["main", "build_parser", "console", "interrupt_on_sigterm", "raise_interrupt", "COMMANDS_GROUP"]
 
 COMMANDS_GROUP = "fedpd.commands"  # entry points: a callable that adds subcommands to the subparsers it is given
 
@@ -229,11 +231,26 @@ def console() -> logging.Handler:
     return handler
 
 
+def raise_interrupt(signum, frame):
+    """A signal handler that raises KeyboardInterrupt in the main thread (SIGTERM handled as Ctrl-C)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler, ``kill``, a container stop) end a command as Ctrl-C does: as an exception in the
+    main thread, so every ``finally`` runs (a preprocessing pool is shut down after its running scans are
+    cached, Flower processes are stopped) instead of the process vanishing with its children still running.
+    Only from the main thread, where Python delivers signals; elsewhere it does nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedpd`` console script."""
+    """Entry point of the ``fedpd`` console script. Ctrl-C or SIGTERM: exit 130, finished work kept."""
     from common.errors import FedpdError
 
     console()
+    interrupt_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

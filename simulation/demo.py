@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import console
+from common.cli import console, interrupt_on_sigterm
 from common.errors import FedpdError
 from common.runs.records import RunReport
 
@@ -145,12 +145,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="build the preprocessed, split and partitioned cohort (out/data/partition) and stop")
     a = p.parse_args(argv)
     console()  # the library functions' lines (ingest, split, ...), as fedpd prints them
+    interrupt_on_sigterm()  # SIGTERM as Ctrl-C: preprocessing's pool and the Flower processes are stopped
     try:
         run_demo(a.out, a.pretrained, a.rounds, a.subjects, a.seed, space=a.space, preprocess=not a.no_preprocess,
                  effect=a.effect, cohort_only=a.cohort_only)
     except FedpdError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("demo: interrupted; the Flower processes and the preprocessing workers were stopped (a re-run starts over)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

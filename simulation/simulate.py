@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import raise_interrupt
 from common.config import RunConfig, parse_overrides
 from common.errors import ConfigError, FedpdError
 from common.runs.preflight import preflight_partition
@@ -34,10 +35,6 @@ __all__ = ["simulate", "SimulationError"]
 
 class SimulationError(FedpdError):
     """The Flower run did not finish or produced no report."""
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "", echo: bool = True,
@@ -84,7 +81,7 @@ def simulate(partition: Path, rounds: int | None, out: Path, run_config: str = "
     link = start_superlink(home, simulation=True, database=home / "state.db")
     # SIGTERM (e.g. from a scheduler) must still stop the SuperLink: turn it into an exception
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    previous = signal.signal(signal.SIGTERM, raise_interrupt) if in_main else None
     try:
         write_connections(home, {"sim": {"address": f"127.0.0.1:{link.port}", "insecure": True}})
         code = flwr_run(home, "sim", run_config=cfg_file, federation_config=federation, log=out / "flower.log",

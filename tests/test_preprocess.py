@@ -258,6 +258,71 @@ def test_cli_killed_midway_loses_nothing_done(cohort, tmp_path):
     assert json.loads((out / "preprocess.json").read_text())["counts"]["computed"] == 0
 
 
+def test_cli_terminated_stops_its_pool_and_keeps_finished_scans(cohort, tmp_path):
+    """`fedpd preprocess --workers 2` sent SIGTERM (a scheduler's or `kill`'s stop, to the command's process only):
+    it exits 130 saying it was interrupted, its pool's worker processes end with it (none left running
+    orphaned), and what it finished is in the cache for the re-run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = tmp_path / "raw"
+    shutil.copytree(cohort[0], root)
+    rows = pd.read_csv(root / "manifest.csv")
+    good = rows[rows["image_id"].str.startswith("GOOD")]
+    more = pd.concat([good.assign(image_id=good["image_id"] + f"X{k}", subject_id=good["subject_id"] + f"X{k}")
+                      for k in range(2)])  # 6 scans on 2 workers: the signal lands while scans are still running
+    pd.concat([good, more]).to_csv(root / "manifest.csv", index=False)
+    out = tmp_path / "mni"
+    cmd = [sys.executable, "-m", "common.cli", "preprocess", str(root / "manifest.csv"), "--out", str(out),
+           "--template-mm", str(MM), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def children() -> set[int]:
+        kids = set()
+        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+            try:
+                kids |= {int(x) for x in (task / "children").read_text().split()}
+            except OSError:
+                pass
+        return kids
+
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "cache").glob("*.json")):
+            assert proc.poll() is None, "preprocess ended before its first scan was cached"
+            assert time.monotonic() < deadline, "no scan finished"
+            time.sleep(0.1)
+        workers = children()
+        assert workers, "no pool worker processes found"
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), f"pool workers still running after the command exited: {workers}"
+    done = {p.stem for p in (out / "cache").glob("*.json")}
+    assert done and not (out / "manifest.csv").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "preprocess.json").read_text())["counts"]["cached"] == len(done)
+
+
 def test_a_scan_gives_the_same_transform_every_time(cohort):
     """SimpleITK runs single-threaded in fedpd preprocess: multi-threaded registration sums in an order that
     depends on thread timing (transforms differed in the last digits from run to run), one thread does not."""

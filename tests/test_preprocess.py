@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -214,33 +215,44 @@ def test_refuses_outputs_that_could_overwrite_input(tmp_path):
     assert not (tmp_path / "new").exists()  # refused before anything was written
 
 
+def _cli_cohort(cohort, tmp_path, copies: int, workers: int) -> tuple[Path, list[str]]:
+    """The good scans of ``cohort`` plus ``copies`` renamed copies of them (more scans, so a signal lands mid-way),
+    and the `fedpd preprocess` command line over them; returns (its --out folder, the command)."""
+    import sys
+
+    root = tmp_path / "raw"
+    shutil.copytree(cohort[0], root)
+    rows = pd.read_csv(root / "manifest.csv")
+    good = rows[rows["image_id"].str.startswith("GOOD")]
+    extra = [good.assign(image_id=good["image_id"] + f"X{k}", subject_id=good["subject_id"] + f"X{k}")
+             for k in range(copies)]
+    pd.concat([good, *extra]).to_csv(root / "manifest.csv", index=False)
+    out = tmp_path / "mni"
+    return out, [sys.executable, "-m", "common.cli", "preprocess", str(root / "manifest.csv"), "--out", str(out),
+                 "--template-mm", str(MM), "--workers", str(workers)]
+
+
+def _wait_for_first_scan(proc, out: Path) -> None:
+    import time
+
+    deadline = time.monotonic() + 300
+    while not list((out / "cache").glob("*.json")):
+        assert proc.poll() is None, "preprocess ended before its first scan was cached"
+        assert time.monotonic() < deadline, "no scan finished"
+        time.sleep(0.1)
+
+
 def test_cli_killed_midway_loses_nothing_done(cohort, tmp_path):
     """`fedpd preprocess` SIGKILLed after its first scan: the re-run takes the finished scans from the cache
     and processes only the rest; a run where QC excluded every scan exits 2 naming qc.csv."""
     import os
     import signal
     import subprocess
-    import sys
-    import time
 
-    raw = cohort[0]
-    root = tmp_path / "raw"
-    shutil.copytree(raw, root)
-    rows = pd.read_csv(root / "manifest.csv")
-    good = rows[rows["image_id"].str.startswith("GOOD")]
-    extra = pd.concat([good.assign(image_id=good["image_id"] + f"X{k}", subject_id=good["subject_id"] + f"X{k}")
-                       for k in range(1)])  # more scans, so the kill lands mid-way
-    pd.concat([good, extra]).to_csv(root / "manifest.csv", index=False)
-    out = tmp_path / "mni"
-    cmd = [sys.executable, "-m", "common.cli", "preprocess", str(root / "manifest.csv"), "--out", str(out),
-           "--template-mm", str(MM), "--workers", "1"]
+    out, cmd = _cli_cohort(cohort, tmp_path, copies=1, workers=1)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not list((out / "cache").glob("*.json")):
-            assert proc.poll() is None, "preprocess ended before its first scan was cached"
-            assert time.monotonic() < deadline, "no scan finished"
-            time.sleep(0.1)
+        _wait_for_first_scan(proc, out)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
@@ -265,20 +277,9 @@ def test_cli_terminated_stops_its_pool_and_keeps_finished_scans(cohort, tmp_path
     import os
     import signal
     import subprocess
-    import sys
     import time
-    from pathlib import Path
 
-    root = tmp_path / "raw"
-    shutil.copytree(cohort[0], root)
-    rows = pd.read_csv(root / "manifest.csv")
-    good = rows[rows["image_id"].str.startswith("GOOD")]
-    more = pd.concat([good.assign(image_id=good["image_id"] + f"X{k}", subject_id=good["subject_id"] + f"X{k}")
-                      for k in range(2)])  # 6 scans on 2 workers: the signal lands while scans are still running
-    pd.concat([good, more]).to_csv(root / "manifest.csv", index=False)
-    out = tmp_path / "mni"
-    cmd = [sys.executable, "-m", "common.cli", "preprocess", str(root / "manifest.csv"), "--out", str(out),
-           "--template-mm", str(MM), "--workers", "2"]
+    out, cmd = _cli_cohort(cohort, tmp_path, copies=2, workers=2)  # 6 scans on 2 workers: some still running
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def children() -> set[int]:
@@ -291,11 +292,7 @@ def test_cli_terminated_stops_its_pool_and_keeps_finished_scans(cohort, tmp_path
         return kids
 
     try:
-        deadline = time.monotonic() + 300
-        while not list((out / "cache").glob("*.json")):
-            assert proc.poll() is None, "preprocess ended before its first scan was cached"
-            assert time.monotonic() < deadline, "no scan finished"
-            time.sleep(0.1)
+        _wait_for_first_scan(proc, out)
         workers = children()
         assert workers, "no pool worker processes found"
         os.kill(proc.pid, signal.SIGTERM)

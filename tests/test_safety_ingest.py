@@ -240,8 +240,19 @@ def test_partition_out_holding_the_manifest_is_refused(split_manifest_path, caps
 
 # ------------------------------------------------------------------------------------------- SIGTERM
 def test_sigterm_during_ingest_leaves_no_temporary_file(tmp_path):
+    """SIGTERM while ingest converts: exit 130, no manifest, no temporary file, the finished NIfTIs kept whole.
+
+    The last DICOM series holds a FIFO no one writes to, so its conversion blocks in open() as on a hung
+    network share: the signal always lands inside conversion, after the earlier series were cached, however
+    loaded the machine is (a timed signal raced the end of a fast ingest under load)."""
+    import os
+
     download = tmp_path / "download"
-    generate_phantom(download, dicom_fraction=1.0, **COHORT)  # every scan a DICOM series: conversion takes seconds
+    generate_phantom(download, dicom_fraction=1.0, **COHORT)  # every scan a DICOM series
+    ida = pd.read_csv(download / "idaSearch.csv")
+    last = ida["Image Data ID"][ida["Group"].isin(["PD", "Control"])].iloc[-1]  # the last series ingest converts
+    series = next(d for d in download.rglob(str(last)) if d.is_dir())
+    os.mkfifo(series / "zz-hung-share.dcm")
     work = tmp_path / "work"
     cache = work / "nifti"
     proc = subprocess.Popen(
@@ -249,12 +260,12 @@ def test_sigterm_during_ingest_leaves_no_temporary_file(tmp_path):
          "--out", str(work / "manifest.csv")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
-            if cache.is_dir() and any(not p.name.startswith(".") for p in cache.glob("*.nii.gz")):
-                break  # the handler is installed and conversion is under way
-            time.sleep(0.02)
-        assert proc.poll() is None, "ingest finished before it could be interrupted"
+            if any(not p.name.startswith(".") for p in cache.glob("*.nii.gz")):
+                break  # conversion is under way, and cannot get past the FIFO
+            time.sleep(0.05)
+        assert proc.poll() is None, "ingest ended: it should block on the FIFO series"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -268,6 +279,7 @@ def test_sigterm_during_ingest_leaves_no_temporary_file(tmp_path):
     assert left == []
     kept = sorted(p.name for p in cache.glob("*.nii.gz"))
     assert kept and all(common.cohort.scans.scan_problem(cache / k) is None for k in kept)  # the kept files are whole
+    assert f"{last}.nii.gz" not in kept  # it was stopped in the blocked series
     assert re.search(rf"ingest: interrupted: {len(kept)} converted NIfTI file\(s\) stay cached in {re.escape(str(cache))}",
                      err), err
     assert "no manifest was written" in err and "no temporary file was left" in err

@@ -1,16 +1,24 @@
 """Local-training throughput of a fedpd site versus a bare torch loop, measured side by side.
 
 fedpd: the ClientApp's own path (``common.learning.train.train_loader`` -> cached MONAI dataset with
-augmentation and the class-balancing sampler -> ``common.learning.train.train_local``), timed in round 2, i.e.
-with the deterministic preprocessing already cached on disk (round 1 fills the cache); also the same with the
-next batch made in a thread while the model trains (``prefetch``, MONAI's ThreadDataLoader). The three run
-in a rotated order: repeat r starts at variant r mod 3 of (prefetch, bare loop, ClientApp's path), so over
-3 repeats each variant runs once first, once second and once last, and neither the warm-up nor a drift in the
-machine's speed favours one of them.
-torch: the same Med3D, input size, batch size, optimiser and number of samples, on tensors already in
-memory (no data pipeline at all). Both run in this one process, alternately, ``--repeats`` times.
+augmentation and the class-balancing sampler -> ``common.learning.train.train_local``), timed from round 2 on,
+i.e. with the deterministic preprocessing already cached on disk (round 1 fills the cache), in two variants:
+``prefetch``, the next batch made in a thread while the model trains (``PrefetchLoader``, the ClientApp's
+loader since 2026-12-05), and ``serial``, batches made in turn (its loader before).
+torch: the same Med3D, input size, batch size and optimiser on tensors already in memory (no data pipeline).
 
-    .venv/bin/python benchmarks/train_throughput.py --shape 48 --batch-size 8 --scans 48
+``--design interleaved`` (default) pairs them step by step: the loader is wrapped so that after each of the
+ClientApp's training steps one bare-loop step (same model, same batch size, in-memory tensors, its own AdamW)
+runs and is timed apart. ``train_local``'s wall time minus the bare steps' time is the ClientApp path's time.
+The bare step runs before the next batch is asked for, so a prefetch thread's work overlaps the ClientApp's
+step, as in training, and not the bare one. The two see the same machine state within a second of each other,
+so a drift in this shared machine's speed (the bare loop alone varied 25 % between epochs) cancels out of the
+ratio instead of deciding it. Each repeat is one epoch per variant; the variants alternate which goes first.
+
+``--design sequential`` (the design before 2026-12-05) times whole epochs instead, in a rotated order: repeat r
+starts at variant r mod 3 of (prefetch, bare loop, serial), and also times the data path alone.
+
+    .venv/bin/python benchmarks/train_throughput.py --shape 48 --batch-size 8 --scans 48 --repeats 4
 """
 
 from __future__ import annotations
@@ -60,6 +68,86 @@ def torch_loop(model, images, labels, batch_size, lr, rt) -> float:
     return len(labels) / (time.perf_counter() - start)
 
 
+class BareSteps:
+    """The bare torch loop, one step at a time: batches sliced from tensors already in memory."""
+
+    def __init__(self, model, images, labels, batch_size, lr, rt):
+        self.model, self.rt, self.batch_size = model, rt, batch_size
+        self.images, self.labels = rt.inputs(images), labels.to(rt.device)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        self.scaler = rt.grad_scaler()
+        self.at, self.seconds, self.samples = 0, 0.0, 0
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        i = self.at
+        self.at = (i + self.batch_size) % len(self.labels)
+        x, y = self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+        self.opt.zero_grad(set_to_none=True)
+        with self.rt.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        loss.item()  # train_local reads its loss every step too
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        self.seconds += time.perf_counter() - start
+        self.samples += len(y)
+
+
+class Interleaved:
+    """The ClientApp's loader with one bare step run (and timed apart) after each batch it hands out has been
+    trained on."""
+
+    def __init__(self, loader, bare: BareSteps):
+        self.loader, self.bare, self.dataset = loader, bare, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        # The bare step runs after the ClientApp's step and before the next batch is asked for. With a prefetch
+        # thread, taking a batch starts the making of the next one, which then overlaps the ClientApp's step (as in
+        # training), not the bare one; the first batch is asked for before any bare step.
+        for batch in self.loader:
+            yield batch
+            self.bare.step()
+
+
+def interleaved(rows, cfg, cache, model, images, labels, rt, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Per variant (``serial``: batches made in turn; ``prefetch``: the next batch made in a thread, the ClientApp's
+    loader since 2026-12-05), the
+    (fedpd samples/s, bare loop samples/s) of each repeat, measured step by step in turn. The variants alternate
+    which goes first."""
+    out: dict[str, list[tuple[float, float]]] = {"serial": [], "prefetch": []}
+    for r in range(repeats):
+        for variant in (("serial", "prefetch") if r % 2 == 0 else ("prefetch", "serial")):
+            loader, _, w = train_loader(rows, cfg, cache, seed=2 + r, prefetch=variant == "prefetch")
+            bare = BareSteps(model, images, labels, cfg.batch_size, cfg.lr, rt)
+            start = time.perf_counter()
+            res = train_local(model, Interleaved(loader, bare), epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              rt=rt, class_weights=w)
+            ours = time.perf_counter() - start - bare.seconds
+            out[variant].append((res.samples_seen / ours, bare.samples / bare.seconds))
+    return out
+
+
+def report_interleaved(results: dict[str, list[tuple[float, float]]], rt, a, scans: int) -> None:
+    print(f"device {rt.describe()}, torch threads {torch.get_num_threads()}, Med3D resnet_10, input {a.shape}^3, "
+          f"batch {a.batch_size}, {scans} scans, num-workers {a.num_workers}, class-balancing {a.class_balancing}, "
+          "design interleaved (a bare step after each of the ClientApp's steps)")
+    for variant, pairs in results.items():
+        name = "batches made in turn" if variant == "serial" else "the next batch made in a thread: the ClientApp's"
+        print(f"{variant} ({name}):")
+        print("  fedpd site (round >= 2) samples/s: " + ", ".join(f"{o:.2f}" for o, _ in pairs))
+        print("  bare torch loop beside it samples/s: " + ", ".join(f"{b:.2f}" for _, b in pairs))
+        print("  ratio fedpd / torch per repeat: " + ", ".join(f"{o / b:.3f}" for o, b in pairs))
+        ours, bare = sum(1 / o for o, _ in pairs), sum(1 / b for _, b in pairs)  # seconds per sample, summed
+        print(f"  ratio fedpd / torch (all repeats): {bare / ours:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, default=48)
@@ -68,6 +156,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--class-balancing", default="sampler")
+    p.add_argument("--design", choices=("interleaved", "sequential"), default="interleaved",
+                   help="step-by-step pairs (default) or whole epochs in rotated order (see above)")
     a = p.parse_args()
     rt = runtime(amp=True)
     spacing = 192.0 / a.shape  # the phantom field of view is 192 mm
@@ -84,6 +174,9 @@ def main() -> None:
         train_local(model, loader, epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt, class_weights=w)
         images = torch.randn(len(rows), 1, *cfg.input_shape)
         labels = torch.as_tensor(rows["label"].to_numpy(), dtype=torch.long)
+        if a.design == "interleaved":
+            report_interleaved(interleaved(rows, cfg, cache, model, images, labels, rt, a.repeats), rt, a, len(rows))
+            return
         threaded, ours, bare, pipe = [], [], [], []
 
         def fedpd_path(seed: int, prefetch: bool) -> float:

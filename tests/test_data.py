@@ -142,6 +142,20 @@ def test_changed_file_at_the_same_path_is_recomputed(tmp_path, suffix):
     assert len(cache_files(cache)) == 2
 
 
+def test_cached_affine_grid_changes_no_augmented_voxel():
+    """The training pipeline gives the affine augmentation the input shape, so MONAI reuses one sampling grid
+    (a speed-up, BENCHMARKS.md): every augmented image is the same, voxel for voxel, as without it."""
+    from common.learning.transforms import train_augmentations
+
+    x = torch.rand(1, *SHAPE)
+    for seed in range(3):
+        plain, cached = train_augmentations(seed), train_augmentations(seed, spatial_size=SHAPE)
+        affine = [t for t in cached.transforms if type(t).__name__ == "RandAffined"][0].rand_affine
+        assert affine.cache_grid and affine._cached_grid is not None  # the grid is made once, up front
+        for _ in range(6):
+            assert torch.equal(plain({"image": x.clone()})["image"], cached({"image": x.clone()})["image"])
+
+
 def test_augmentation_random_per_epoch_deterministic_per_seed(tmp_path):
     rows = rows_for(tmp_path, [1])
     cache = tmp_path / "cache"
@@ -249,7 +263,31 @@ def test_bad_input_raises_data_error_and_keeps_the_cache_clean(tmp_path, kind):
     assert len(cache_files(cache)) == 2  # the good scans' files kept, nothing for the bad one
     with pytest.raises(DataError, match=fix):  # a DataLoader surfaces the same error
         list(make_loader(ds, [0, 1, 1], batch_size=3, class_balancing="none", seed=0))
+    with pytest.raises(DataError, match=fix):  # and so does training's loader, which makes batches in a thread
+        list(make_loader(ds, [0, 1, 1], batch_size=1, class_balancing="none", seed=0, shuffle=False, prefetch=True))
     assert len(cache_files(cache)) == 2
+
+
+def test_prefetch_thread_error_is_raised_not_taken_for_the_end_of_the_epoch(tmp_path):
+    """A scan that fails in the prefetch thread stops training with its error. MONAI's own ThreadDataLoader
+    (which fedpd does not use for this reason) prints the error and ends the epoch early, with no error."""
+    from monai.data import ThreadDataLoader
+
+    from common.learning.data import PrefetchLoader
+
+    rows = rows_for(tmp_path, [0, 1]) + [{"image_id": "GONE", "path": str(tmp_path / "gone.nii.gz"), "label": 1}]
+    ds = build_dataset(rows, SHAPE, SPACING, tmp_path / "cache", train=True, seed=0)
+    ours = make_loader(ds, [0, 1, 1], batch_size=1, class_balancing="none", seed=0, shuffle=False, prefetch=True)
+    assert isinstance(ours, PrefetchLoader)
+    seen = []
+    with pytest.raises(DataError, match="image_id GONE.*image file not found"):
+        for batch in ours:
+            seen.append(batch)
+    assert len(seen) == 2  # the two good scans came first, in order
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = list(ThreadDataLoader(ds, batch_size=1, shuffle=False))  # the error is only printed
+    assert len(theirs) == 2
 
 
 def test_single_volume_4d_is_accepted(tmp_path):

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-from monai.data import DataLoader, PersistentDataset, ThreadDataLoader
+from monai.data import DataLoader, PersistentDataset
+from monai.data.thread_buffer import ThreadBuffer
 from monai.data.utils import json_hashing, pickle_hashing
 from torch.utils.data import WeightedRandomSampler
 
@@ -45,7 +46,7 @@ from common.errors import ConfigError, DataError
 from common.keys import CLASS_BALANCING, NUM_CLASSES
 from common.learning.transforms import build_pipeline, pipeline_fingerprint
 
-__all__ = ["ScanDataset", "build_dataset", "file_fingerprint", "class_counts", "class_weights",
+__all__ = ["ScanDataset", "PrefetchLoader", "build_dataset", "file_fingerprint", "class_counts", "class_weights",
            "make_loader"]
 
 _EDGE_BYTES = 64 * 1024  # hashed at each end of a file for its fingerprint
@@ -203,6 +204,35 @@ def class_weights(counts: Mapping[int, int]) -> torch.Tensor:
     return inverse * (len(present) / inverse.sum())
 
 
+class _Raised:
+    """An error met in the prefetch thread, carried to the training thread."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _relay(batches):
+    try:
+        yield from batches
+    except Exception as exc:  # noqa: BLE001 - every error goes to the consumer, which raises it
+        yield _Raised(exc)
+
+
+class PrefetchLoader(DataLoader):
+    """MONAI's ``DataLoader`` whose next batch is made in a thread (MONAI's ``ThreadBuffer``, one batch ahead)
+    while the caller trains on the current one: the same batches in the same order (one thread draws them).
+
+    Unlike MONAI's ``ThreadDataLoader``, an error in the thread (a scan that became unreadable) is raised in
+    the caller with its traceback. ``ThreadDataLoader`` prints it and ends the epoch early, so training would
+    go on quietly with fewer batches."""
+
+    def __iter__(self):
+        for item in ThreadBuffer(_relay(super().__iter__()), buffer_size=1, timeout=0.01):
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+
+
 def make_loader(dataset, labels: Iterable[int], batch_size: int, class_balancing: str, seed: int,
                 num_workers: int = 0, shuffle: bool = True, prefetch: bool = False) -> DataLoader:
     """A seeded loader: class-balanced sampling, a plain shuffle, or row order for evaluation.
@@ -219,8 +249,8 @@ def make_loader(dataset, labels: Iterable[int], batch_size: int, class_balancing
         num_workers: loader processes.
         shuffle: ``False`` gives an evaluation loader: row order, no sampler (``class_balancing`` must
             then not be ``sampler``).
-        prefetch: with ``num_workers`` 0, MONAI's ``ThreadDataLoader`` makes the next batch in a thread
-            while the model trains on this one (the same batches in the same order: one thread draws them).
+        prefetch: with ``num_workers`` 0, a :class:`PrefetchLoader`: the next batch is made in a thread while
+            the model trains on this one (the same batches in the same order: one thread draws them).
     """
     if class_balancing not in CLASS_BALANCING:
         raise ConfigError(f"class-balancing {class_balancing!r} must be one of {', '.join(CLASS_BALANCING)}")
@@ -232,7 +262,7 @@ def make_loader(dataset, labels: Iterable[int], batch_size: int, class_balancing
     generator = torch.Generator().manual_seed(int(seed))
     kwargs = dict(batch_size=batch_size, num_workers=num_workers, generator=generator,
                   pin_memory=torch.cuda.is_available())
-    loader = ThreadDataLoader if (prefetch and num_workers == 0) else DataLoader
+    loader = PrefetchLoader if (prefetch and num_workers == 0) else DataLoader
     if class_balancing == "sampler":
         counts = Counter(labels)
         weights = torch.tensor([1.0 / counts[v] for v in labels], dtype=torch.double)

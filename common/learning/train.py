@@ -178,7 +178,7 @@ def train_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path, seed: int,
     """Loader over training rows with the run's class balancing; also returns the counts and loss weights.
     ``prefetch`` (the ClientApp's path): the next batch is made (cache read, augmentation) in a thread while the
     model trains on this one. Measured step by step against a bare loop on 2 cores, it was faster than making
-    the batches in turn in 6 of 7 paired runs (BENCHMARKS.md)."""
+    the batches in turn in 7 of 9 paired runs (BENCHMARKS.md)."""
     recs = _records(rows)
     ds = build_dataset(recs, cfg.input_shape, cfg.spacing, cache_dir, train=True, seed=seed)
     labels = [int(r["label"]) for r in recs]

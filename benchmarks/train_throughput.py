@@ -180,7 +180,7 @@ def main() -> None:
         threaded, ours, bare, pipe = [], [], [], []
 
         def fedpd_path(seed: int, prefetch: bool) -> float:
-            loader, _, w = train_loader(rows, cfg, cache, seed=seed, prefetch=prefetch)  # as the ClientApp each round
+            loader, _, w = train_loader(rows, cfg, cache, seed=seed, prefetch=prefetch)  # a new loader each round
             res = train_local(model, loader, epochs=1, lr=cfg.lr, weight_decay=cfg.weight_decay, rt=rt, class_weights=w)
             return res.samples_per_second
 
@@ -190,7 +190,7 @@ def main() -> None:
                         lambda: ours.append(fedpd_path(2 + r, False))]
             for i in range(len(variants)):
                 variants[(r + i) % len(variants)]()
-            loader, _, _ = train_loader(rows, cfg, cache, seed=100 + r)  # the data path alone, no model
+            loader, _, _ = train_loader(rows, cfg, cache, seed=100 + r, prefetch=False)  # the data path alone
             t = time.perf_counter()
             n = sum(len(batch["label"]) for batch in loader)
             pipe.append(n / (time.perf_counter() - t))
@@ -198,9 +198,9 @@ def main() -> None:
     paired = [o / b for o, b in zip(ours, bare)]
     print(f"device {rt.describe()}, torch threads {torch.get_num_threads()}, Med3D resnet_10, input {a.shape}^3, "
           f"batch {a.batch_size}, {len(rows)} scans, num-workers {a.num_workers}, class-balancing {a.class_balancing}")
-    print("fedpd site (round >= 2) samples/s: " + ", ".join(f"{x:.2f}" for x in ours) + f"  median {mo:.2f}")
+    print("fedpd, batches in turn samples/s: " + ", ".join(f"{x:.2f}" for x in ours) + f"  median {mo:.2f}")
     mt = statistics.median(threaded)
-    print("  with a prefetch thread samples/s: " + ", ".join(f"{x:.2f}" for x in threaded) + f"  median {mt:.2f}"
+    print("  next batch in a thread (the ClientApp's) samples/s: " + ", ".join(f"{x:.2f}" for x in threaded) + f"  median {mt:.2f}"
           f"  (ratio {mt / mb:.3f})")
     print("bare torch loop     samples/s: " + ", ".join(f"{x:.2f}" for x in bare) + f"  median {mb:.2f}")
     mp = statistics.median(pipe)

@@ -182,10 +182,12 @@ def _sweep(folder: Path, now: float | None = None) -> list[Path]:
                 continue
             with open(lock_path, "a") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a live worker holds it
-                for suffix in (".sock", ".lock"):
-                    if lock_path.with_suffix(suffix).exists():
-                        lock_path.with_suffix(suffix).unlink()
-                        removed.append(lock_path.with_suffix(suffix))
+                for leftover in (lock_path.with_suffix(".sock"), lock_path):
+                    try:
+                        leftover.unlink()
+                    except FileNotFoundError:  # this worker never bound its socket, or another sweep was first
+                        continue
+                    removed.append(leftover)
         except OSError:  # held by a live worker (BlockingIOError is an OSError), or removed meanwhile
             continue
     for log_path in folder.glob("w-*.log"):

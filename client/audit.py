@@ -40,6 +40,26 @@ def _value(value: Any) -> dict:
     return {"type": type(value).__name__, "value": value}
 
 
+def _value_bytes(value) -> int:
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, bytes):
+        return len(value)
+    return 1 if isinstance(value, bool) else 8  # as Flower counts them: bool 1 byte, int/float 8
+
+
+def record_bytes(record) -> int:
+    """A record's size as Flower's ``count_bytes`` gives it, or counted here where that raises: Flower 1.42's
+    ``ConfigRecord.count_bytes`` refuses an empty ``bytes``/``str`` value (ValueError) and an empty list
+    (IndexError), which SecAgg+'s messages carry. The audit must never be what fails a message."""
+    try:
+        return record.count_bytes()
+    except (ValueError, IndexError):
+        return sum(len(str(k).encode("utf-8")) + _value_bytes(v) for k, v in record.items())
+
+
 def describe_message(msg: Message) -> dict:
     """What a message carries, as plain JSON-able data (array values left out)."""
     out: dict[str, Any] = {
@@ -54,10 +74,10 @@ def describe_message(msg: Message) -> dict:
         out["error"] = {"code": msg.error.code, "reason": msg.error.reason}
         return out
     records = {}
-    out["content_bytes"] = sum(record.count_bytes() for record in msg.content.values())
+    out["content_bytes"] = sum(record_bytes(record) for record in msg.content.values())
     for name, record in msg.content.items():
         if isinstance(record, ArrayRecord):
-            records[name] = {"type": "ArrayRecord", "bytes": record.count_bytes(), "arrays": {
+            records[name] = {"type": "ArrayRecord", "bytes": record_bytes(record), "arrays": {
                 key: {"shape": list(array.shape), "dtype": array.dtype, "stype": array.stype}
                 for key, array in record.items()}}
         elif isinstance(record, MetricRecord):

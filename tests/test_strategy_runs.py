@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +76,8 @@ class _Simulations:
         self.futures = {}
         for name in names:
             extra, rounds_ = RUNS[name]
-            self.futures[name] = self.pool.submit(_simulate, cohort, root / name, extra.format(attacker=attacker), rounds_)
+            self.futures[name] = self.pool.submit(_simulate, cohort, root / name, extra.format(attacker=attacker), rounds_,
+                                                  audit=name == "secagg")
 
     def get(self, name: str) -> tuple[str, list[dict], dict, dict]:
         return self.futures[name].result()
@@ -93,12 +95,17 @@ def runs(request, cohort, tmp_path_factory):
     sims.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _simulate(cohort: Path, out: Path, extra: str, rounds_: int = 1) -> tuple[str, list[dict], dict, dict]:
-    """One `fedpd simulate`; returns its output, the round records, the report and the last checkpoint."""
+def _simulate(cohort: Path, out: Path, extra: str, rounds_: int = 1,
+              audit: bool = False) -> tuple[str, list[dict], dict, dict]:
+    """One `fedpd simulate`; returns its output, the round records, the report and the last checkpoint.
+    ``audit``: with the sites' audit log on (``out/audit.jsonl``), as benchmarks/strategies.py runs."""
+    from client.audit import AUDIT_ENV
+
+    env = {**os.environ, AUDIT_ENV: str(out / "audit.jsonl")} if audit else None
     rc = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in SMALL.items()) + " " + extra
     proc = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--partition", str(cohort), "--rounds",
                            str(rounds_), "--out", str(out), "--run-config", rc],
-                          cwd=APP_DIR, capture_output=True, text=True, timeout=900)
+                          cwd=APP_DIR, capture_output=True, text=True, timeout=900, env=env)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     recs = rounds(out)
@@ -213,6 +220,10 @@ def test_secure_aggregation_simulation(cohort, runs):
     metrics are recorded as usual, BatchNorm statistics stay as initialised, the weights moved but stay small."""
     text, recs, report, ckpt = runs.get("secagg")
     assert "round 1: securely aggregated 3 site update(s)" in text
+    # with the audit log on, as benchmarks/strategies.py runs (its SecAgg+ arm failed every round: the audit could
+    # not size SecAgg+'s config records), every SecAgg+ stage of every site is logged
+    audit = [json.loads(line) for line in (runs.out("secagg") / "audit.jsonl").read_text().splitlines()]
+    assert len(audit) >= 3 * 4 and not any("error" in e for e in audit), audit[:2]
     assert report["arm"] == "fedavg+secagg (random init)"
     assert sorted(recs[0]["sites"]) == _sites(cohort)
     assert recs[0]["num_examples"] == sum(s["num-examples"] for s in recs[0]["sites"].values())

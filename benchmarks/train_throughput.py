@@ -49,30 +49,12 @@ def site_rows(root: Path, scans: int, shape: int) -> pd.DataFrame:
     return read_manifest(root / "m.csv").head(scans).reset_index(drop=True)
 
 
-def torch_loop(model, images, labels, batch_size, lr, rt) -> float:
-    rt.place(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    scaler = rt.grad_scaler()
-    images, labels = rt.inputs(images), labels.to(rt.device)
-    start = time.perf_counter()
-    for i in range(0, len(labels), batch_size):
-        opt.zero_grad(set_to_none=True)
-        with rt.autocast():
-            logits = model(images[i:i + batch_size])
-        loss = F.cross_entropy(logits.float(), labels[i:i + batch_size])
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
-    return len(labels) / (time.perf_counter() - start)
-
-
 class BareSteps:
     """The bare torch loop, one step at a time: batches sliced from tensors already in memory."""
 
     def __init__(self, model, images, labels, batch_size, lr, rt):
         self.model, self.rt, self.batch_size = model, rt, batch_size
+        rt.place(model).train()
         self.images, self.labels = rt.inputs(images), labels.to(rt.device)
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         self.scaler = rt.grad_scaler()
@@ -95,6 +77,14 @@ class BareSteps:
             torch.cuda.synchronize(self.rt.device)
         self.seconds += time.perf_counter() - start
         self.samples += len(y)
+
+
+def torch_loop(model, images, labels, batch_size, lr, rt) -> float:
+    """One epoch of the bare loop alone (``--design sequential``): samples/s."""
+    bare = BareSteps(model, images, labels, batch_size, lr, rt)
+    for _ in range(0, len(labels), batch_size):
+        bare.step()
+    return bare.samples / bare.seconds
 
 
 class Interleaved:

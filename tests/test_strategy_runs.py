@@ -12,8 +12,8 @@ test_deploy.py. The unit-level behaviour of each option is in test_strategies.py
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor

@@ -22,6 +22,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
+from common.transport import content_bytes, record_bytes
+
 __all__ = ["AUDIT_ENV", "audit_mod", "describe_message"]
 
 AUDIT_ENV = "FEDPD_AUDIT_LOG"
@@ -40,26 +42,6 @@ def _value(value: Any) -> dict:
     return {"type": type(value).__name__, "value": value}
 
 
-def _value_bytes(value) -> int:
-    if isinstance(value, (list, tuple)):
-        return sum(_value_bytes(v) for v in value)
-    if isinstance(value, str):
-        return len(value.encode("utf-8"))
-    if isinstance(value, bytes):
-        return len(value)
-    return 1 if isinstance(value, bool) else 8  # as Flower counts them: bool 1 byte, int/float 8
-
-
-def record_bytes(record) -> int:
-    """A record's size as Flower's ``count_bytes`` gives it, or counted here where that raises: Flower 1.42's
-    ``ConfigRecord.count_bytes`` refuses an empty ``bytes``/``str`` value (ValueError) and an empty list
-    (IndexError), which SecAgg+'s messages carry. The audit must never be what fails a message."""
-    try:
-        return record.count_bytes()
-    except (ValueError, IndexError):
-        return sum(len(str(k).encode("utf-8")) + _value_bytes(v) for k, v in record.items())
-
-
 def describe_message(msg: Message) -> dict:
     """What a message carries, as plain JSON-able data (array values left out)."""
     out: dict[str, Any] = {
@@ -74,7 +56,7 @@ def describe_message(msg: Message) -> dict:
         out["error"] = {"code": msg.error.code, "reason": msg.error.reason}
         return out
     records = {}
-    out["content_bytes"] = sum(record_bytes(record) for record in msg.content.values())
+    out["content_bytes"] = content_bytes(msg.content)
     for name, record in msg.content.items():
         if isinstance(record, ArrayRecord):
             records[name] = {"type": "ArrayRecord", "bytes": record_bytes(record), "arrays": {

@@ -10,7 +10,8 @@ relative error of 2^-11 per value). A site's integer arrays (BatchNorm's ``num_b
 as they are; the server's copy of that counter is a float after Flower's averaging, and goes out in float16
 like the rest (exact up to 2048; BatchNorm with momentum, as Med3D's, never reads it). An update beyond float16's range (65504) is refused at the site with a message, never sent as inf.
 
-Plain NumPy here; client/ and server/ wrap it around Flower's ArrayRecords.
+Plain NumPy here; client/ and server/ wrap it around Flower's ArrayRecords. :func:`content_bytes` sizes a
+message's content as Flower counts it (the sites' audit log and the server's ``received_bytes`` per round).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["to_wire", "from_wire", "encode_update", "decode_update", "FLOAT16_MAX"]
+__all__ = ["to_wire", "from_wire", "encode_update", "decode_update", "FLOAT16_MAX", "record_bytes", "content_bytes"]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -81,3 +82,28 @@ def decode_update(update: Mapping[str, np.ndarray], weights: Mapping[str, np.nda
             continue
         out[name] = base.astype(np.float32) + value.astype(np.float32)
     return out
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    return 1 if isinstance(value, bool) else 8  # as Flower counts them: bool 1 byte, int/float 8
+
+
+def record_bytes(record) -> int:
+    """A Flower record's size as its ``count_bytes`` gives it, or counted here where that raises: Flower 1.42's
+    ``ConfigRecord.count_bytes`` refuses an empty ``bytes``/``str`` value (ValueError) and an empty list
+    (IndexError), which SecAgg+'s messages carry. Sizing a message must never be what fails it."""
+    try:
+        return record.count_bytes()
+    except (ValueError, IndexError):
+        return sum(len(str(k).encode("utf-8")) + _value_bytes(v) for k, v in record.items())
+
+
+def content_bytes(content) -> int:
+    """The bytes of a message's content (a Flower ``RecordDict``): the sum of its records' sizes."""
+    return sum(record_bytes(record) for record in content.values())

@@ -46,7 +46,7 @@ def _round_record(setup: ServerSetup, strategy: RecordingStrategy, g: int, array
         # a site that fails before it ever answered is known by node id only; name it once a later reply did
         failures=[f | {"site": strategy.node_sites.get(f.get("node"), f["site"])} for f in strategy.failed.get(g, [])],
         rejected=strategy.rejected.get(g, []), site_qc=strategy.site_qc.get(g), privacy=privacy,
-        strategy_state=strategy_state(strategy))
+        strategy_state=strategy_state(strategy), received_bytes=strategy.received.get(g))
     metrics = record.val
     log(INFO, "round %d: val AUC %.3f, val loss %.4f, checkpoint %s", g, metrics["auc"], metrics["loss"],
         setup.run.checkpoint_path(g))

@@ -15,6 +15,10 @@ What the server sees, and therefore screens, changes (README "Secure aggregation
 - dropouts: a site that fails or disconnects during the round is left out of the sum, its masks removed
   with the other sites' key shares (Flower's SecAgg+: each site shares with every other, half of the shares
   reconstruct), as long as at least half of the round's sites are left.
+
+Every error reply of every SecAgg+ stage is recorded as that site's failure, with the site's own reason
+(:class:`_WatchedGrid`): the workflow itself hands its failures on only when the round gets as far as the
+sum, so a round that too many sites failed would otherwise read "no reply before round-timeout".
 """
 
 from __future__ import annotations
@@ -44,6 +48,35 @@ __all__ = ["run_secure_rounds", "SHARES", "THRESHOLD"]
 
 SHARES = 1.0  # every site shares its keys with every other site of the round
 THRESHOLD = 0.5  # half of the shares reconstruct a key: up to half of the round's sites may drop out
+
+
+class _WatchedGrid:
+    """The Grid as SecAggPlusWorkflow uses it, with the replies of each stage recorded into the
+    :class:`RecordingStrategy` for global round ``round``: their bytes (``received_bytes``) and every error
+    reply as a failure of its site, named and with its reason."""
+
+    def __init__(self, grid: Grid, recording: RecordingStrategy):
+        self._grid, self._recording, self.round = grid, recording, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        rec, g = self._recording, self.round
+        rec.count_received(g, replies)
+        # an error the SuperLink made for a node (e.g. unavailable) comes from the SuperLink: name the instruction's node
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        for msg in replies:
+            if msg.has_error():
+                node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+                site = rec.node_sites.get(node, f"node-{node}")
+                rec.failed.setdefault(g, []).append({"node": node, "site": site, "phase": "train",
+                                                     "reason": msg.error.reason})
+                log(WARNING, "round %d: site %s failed in the secure round: %s", g, site,
+                    str(msg.error.reason).strip().splitlines()[-1][:300] if str(msg.error.reason).strip() else "?")
+        return replies
 
 
 class _SecureRound(LegacyFedAvg):
@@ -80,9 +113,7 @@ class _SecureRound(LegacyFedAvg):
                 log(WARNING, "round %d: rejected the train reply of site %s (node %d): %s", g, site, proxy.node_id, reason)
             else:
                 sites[site] = metrics
-        rec.failed.setdefault(g, []).extend(
-            {"node": None, "site": "?", "phase": "train", "reason": str(f)} for f in failures)
-        for f in failures:
+        for f in failures:  # recorded with their sites by _WatchedGrid as they arrived
             log(WARNING, "round %d: a site dropped out of the secure round: %s", g, str(f).splitlines()[0][:200])
         if rejected:
             rec.rejected.setdefault(g, []).extend(rejected)
@@ -127,6 +158,7 @@ def run_secure_rounds(grid: Grid, context: Context, cfg: RunConfig, recording: R
     workflow = SecAggPlusWorkflow(num_shares=SHARES, reconstruction_threshold=THRESHOLD, timeout=cfg.round_timeout)
     thread, stop, registered = start_update_client_manager_thread(grid, lctx.client_manager)
     registered.wait()
+    watched = _WatchedGrid(grid, recording)
     arrays = initial
     try:
         for r in range(1, num_rounds + 1):
@@ -134,11 +166,12 @@ def run_secure_rounds(grid: Grid, context: Context, cfg: RunConfig, recording: R
             log(INFO, "")
             log(INFO, "[ROUND %d/%d] secure aggregation (SecAgg+)", r, num_rounds)
             recording.round_started[g] = time.time()
+            watched.round = g
             recording.reference[g] = {k: tuple(a.shape) for k, a in arrays.items()}
             lctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: g})
             params = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
             lctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, keep_input=True)
-            workflow(grid, lctx)
+            workflow(watched, lctx)
             recording.train_sites.setdefault(g, {})
             if recording.train_sites[g]:
                 summed = parameters_to_ndarrays(compat.arrayrecord_to_parameters(

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common import keys
-from common.transport import decode_update, to_wire
+from common.transport import content_bytes, decode_update, to_wire
 
 __all__ = ["RecordingStrategy", "RecordingFedAvg", "check_train_metrics", "check_aggregate", "nan_aware_mean", "train_metrics_summary", "check_train_reply", "check_evaluate_reply",
            "MAX_NUM_EXAMPLES", "EVALUATE_METRIC_KEYS"]
@@ -322,6 +322,7 @@ class RecordingStrategy(Strategy):
         self.rejected: dict[int, list[dict]] = {}
         self.site_qc: dict[int, dict[str, dict[str, int]]] = {}  # global round -> site -> preprocessing QC counts
         self.node_sites: dict[int, str] = {}
+        self.received: dict[int, int] = {}  # global round -> bytes of the site replies received (content_bytes)
         self.reference: dict[int, dict[str, tuple[int, ...]]] = {}  # global round -> key -> shape sent
         self._outbox: list[Message] = []  # this phase's instructions; Flower sets their message ids when pushing
 
@@ -408,6 +409,11 @@ class RecordingStrategy(Strategy):
             return _site_of(msg, node), node
         return sorted(replies, key=key)
 
+    def count_received(self, g: int, replies: Iterable[Message]) -> None:
+        """Add the content bytes of ``replies`` (error replies carry none) to global round ``g``'s total."""
+        total = sum(content_bytes(m.content) for m in replies if not m.has_error())
+        self.received[g] = self.received.get(g, 0) + total
+
     def _screen(self, server_round: int, replies: list[Message], phase: str) -> list[Message]:
         """Replies that may be aggregated (error replies pass through: FedAvg skips them, ``_collect`` logs them)."""
         g = self.global_round(server_round)
@@ -455,7 +461,9 @@ class RecordingStrategy(Strategy):
         self.failed.setdefault(g, []).extend(failed)
 
     def aggregate_train(self, server_round: int, replies):
-        replies = self._screen(server_round, self._ordered(replies), "train")
+        replies = self._ordered(replies)
+        self.count_received(self.global_round(server_round), replies)  # as sent: before float16 updates are widened
+        replies = self._screen(server_round, replies, "train")
         self._collect(server_round, replies, self.train_sites, "train")
         self._outbox = []
         g = self.global_round(server_round)
@@ -463,7 +471,9 @@ class RecordingStrategy(Strategy):
         return self.inner.aggregate_train(g, replies)
 
     def aggregate_evaluate(self, server_round: int, replies):
-        replies = self._screen(server_round, self._ordered(replies), "evaluate")
+        replies = self._ordered(replies)
+        self.count_received(self.global_round(server_round), replies)
+        replies = self._screen(server_round, replies, "evaluate")
         self._collect(server_round, replies, self.eval_sites, "evaluate")
         self._outbox = []
         return self.inner.aggregate_evaluate(self.global_round(server_round), replies)

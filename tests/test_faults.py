@@ -220,6 +220,9 @@ def test_secure_aggregation_deployment_with_a_site_dropping_out_mid_round(partit
         assert recs[1]["missing_sites"] == [victim]
         assert recs[1]["num_examples"] == sum(recs[1]["sites"][n]["num-examples"] for n in others)
         assert recs[1]["failures"] and all(f["phase"] == "train" for f in recs[1]["failures"])
+        # each failure is the victim's, named (it answered in round 1) and with the SuperLink's reason
+        assert {f["site"] for f in recs[1]["failures"]} == {victim}, recs[1]["failures"]
+        assert all(f["reason"] for f in recs[1]["failures"])
         assert "round 1: securely aggregated 3 site update(s)" in text
         assert "round 2: a site dropped out of the secure round" in text
         assert "round 2: securely aggregated 2 site update(s)" in text

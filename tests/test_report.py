@@ -92,7 +92,7 @@ def _build_run(root: Path, source: str, data_extra: dict, extra: dict, block_fig
                                         "class-count-0": 4, "class-count-1": 6} for i, s in enumerate(("10", "20"), 1)},
                           "missing_sites": [], "failures": [], "rejected": [],
                           "val": {"auc": auc, "balanced_accuracy": 0.5 + r / 10, "loss": 0.7 - r / 20},
-                          "wall_seconds": 1.0 + r}))
+                          "wall_seconds": 1.0 + r, "received_bytes": 1_000_000 * (50 + r)}))
     if block_figures:  # a file where figures/ should go: render_report fails, finalize_run must not
         (run.root / "figures").write_text("not a folder")
     data = {"server_split_audit": _audit(val, test),
@@ -262,6 +262,8 @@ def test_comparison_lists_arms_and_flags_a_different_test_set(phantom, tmp_path,
         rows = {(_text(r).split(" ")[0]): (r, _text(r)) for r in re.findall(r"<tr[^>]*>.*?</tr>", comp, flags=re.S)}
         assert {"fedavg", "centralized", "local:10", "scratch"} <= set(rows)
         assert "0.910" in rows["centralized"][1] and "same test scans" in rows["centralized"][1]
+        # this run's mean bytes received per round (51 and 52 MB in rounds.jsonl); the copied arms have no rounds
+        assert "51.5 MB" in rows["fedavg"][1] and "MB" not in rows["centralized"][1]
         assert 'class="differs"' not in rows["centralized"][0]
         for arm in ("local:10", "scratch"):
             assert 'class="differs"' in rows[arm][0] and "DIFFERENT test set" in rows[arm][1]

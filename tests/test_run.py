@@ -361,3 +361,14 @@ def test_a_partial_report_takes_defaults_and_a_missing_one_says_what_to_do(tmp_p
     (tmp_path / "report.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="holds a list, not a run report object"):
         load_report(tmp_path / "report.json")
+
+
+def test_received_bytes_round_trips_and_is_left_out_when_unknown(run):
+    """Federated rounds record the bytes the server received from the sites; baseline arms have none, and
+    their lines carry no such key."""
+    run.append_round(RoundRecord(round=1, val={"auc": 0.5}, received_bytes=172_400_000))
+    run.append_round(RoundRecord(round=2, val={"auc": 0.5}))
+    first, second = run.read_rounds()
+    assert first.received_bytes == 172_400_000 and first.to_dict()["received_bytes"] == 172_400_000
+    assert second.received_bytes is None and "received_bytes" not in second.to_dict()
+    assert "received_bytes" not in json.loads(run.rounds_file.read_text().splitlines()[1])

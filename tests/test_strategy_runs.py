@@ -189,13 +189,18 @@ def test_float16_transport_halves_the_messages(runs):
     (BatchNorm's counter, a float on the server after round 1's average, an int at the sites), and the
     server's checkpoint stays float32."""
     half, recs, report, ckpt = runs.get("fedtrimmedavg")
-    full, *_ = runs.get("krum")
+    full, full_recs, *_ = runs.get("krum")
     assert report["arm"].startswith("fedtrimmedavg+fp16")
     assert all(len(r["sites"]) == 3 and r["rejected"] == [] for r in recs)
     for direction in ("Incoming", "Outgoing"):
         fp16, fp32 = _message_sizes(half, direction), _message_sizes(full, direction)
         assert len(fp16) == 12 and len(fp32) == 6  # 3 sites x (train + evaluate) per round
         assert max(fp16) <= 0.51 * max(fp32), (direction, fp16, fp32)
+    # the server's count of what it received (rounds.jsonl received_bytes, shown in the report's comparison
+    # table) is what the sites' message_size_mod says they sent: 3 train + 3 evaluate replies a round
+    assert sum(r["received_bytes"] for r in recs) == sum(_message_sizes(half, "Outgoing"))
+    assert full_recs[0]["received_bytes"] == sum(_message_sizes(full, "Outgoing"))
+    assert max(r["received_bytes"] for r in recs) <= 0.51 * full_recs[0]["received_bytes"]
     assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["state_dict"].values())
 
 
@@ -227,6 +232,9 @@ def test_secure_aggregation_simulation(cohort, runs):
     assert report["arm"] == "fedavg+secagg (random init)"
     assert sorted(recs[0]["sites"]) == _sites(cohort)
     assert recs[0]["num_examples"] == sum(s["num-examples"] for s in recs[0]["sites"].values())
+    assert recs[0]["failures"] == [] and recs[0]["missing_sites"] == []
+    # every SecAgg+ stage's replies, as the sites' audit log sized them
+    assert recs[0]["received_bytes"] == sum(e["content_bytes"] for e in audit)
     _statistics_untouched(ckpt)
     sd = ckpt["state_dict"]
     assert max(float(v.abs().max()) for k, v in sd.items() if v.is_floating_point()) <= 8.0

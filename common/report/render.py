@@ -559,18 +559,22 @@ def _test_ids(report_path: Path) -> set[str] | None:
 
 
 def _run_costs(rep: RunReport | None, report_path: Path) -> list[str]:
-    """The selected round, the mean round wall time (from the arm's rounds.jsonl) and the privacy spent."""
+    """The selected round, the mean round wall time and the mean bytes the server received from the sites per
+    round (from the arm's rounds.jsonl; baseline arms send nothing), and the privacy spent."""
     if rep is None:
-        return ["n/a"] * 3
-    walls = []
+        return ["n/a"] * 4
+    records = []
     try:
-        walls = [r.wall_seconds for r in RunDir(report_path.parent).read_rounds() if r.wall_seconds]
+        records = RunDir(report_path.parent).read_rounds()
     except (DataError, OSError):
         pass
+    walls = [r.wall_seconds for r in records if r.wall_seconds]
+    received = [r.received_bytes for r in records if r.received_bytes is not None]
     privacy = rep.privacy or {}
     eps = (f"{privacy['epsilon']:.2f} (delta {privacy['delta']:g})" if privacy.get("epsilon") is not None else "no DP")
     return [str(rep.selected_round if rep.selected_round is not None else "n/a"),
-            f"{sum(walls) / len(walls):.0f} s" if walls else "n/a", eps]
+            f"{sum(walls) / len(walls):.0f} s" if walls else "n/a",
+            f"{sum(received) / len(received) / 1e6:.1f} MB" if received else "n/a", eps]
 
 
 def _section_comparison(ctx: _Run) -> str:
@@ -617,7 +621,8 @@ def _section_comparison(ctx: _Run) -> str:
                     + [esc(v) for v in _run_costs(rep, path)] + [flag])
         classes.append(cls)
     out = [table(["arm", "train data", "AUC [CI]", "balanced acc. [CI]", "sensitivity [CI]", "specificity [CI]",
-                   "F1 [CI]", "test scans / subjects", "round", "round wall", "privacy: epsilon", "test set"],
+                   "F1 [CI]", "test scans / subjects", "round", "round wall", "received / round", "privacy: epsilon",
+                   "test set"],
                  rows, classes, raw=True)]
     if any(classes):
         out.append(note("Rows marked DIFFERENT were evaluated on another test set: their numbers cannot be compared "

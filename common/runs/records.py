@@ -50,6 +50,9 @@ class RoundRecord:
     wall_seconds: float | None = None
     # DP runs: the privacy spent so far {epsilon, delta, releases, noise_multiplier, clipping_norm}
     privacy: dict[str, Any] | None = None
+    # federated runs: the bytes of every site reply the server received this round (train and evaluate replies,
+    # each SecAgg+ stage), as Flower counts a message's content; None for the baseline arms
+    received_bytes: int | None = None
     schema: int = ROUNDS_SCHEMA
 
     def __post_init__(self) -> None:
@@ -57,12 +60,14 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON line's object, keys in declaration order (``site_qc`` only when a site reported QC,
-        ``privacy`` only in DP runs)."""
+        ``privacy`` only in DP runs, ``received_bytes`` only in federated runs)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         if not self.site_qc:
             del out["site_qc"]
         if self.privacy is None:
             del out["privacy"]
+        if self.received_bytes is None:
+            del out["received_bytes"]
         return out
 
     @classmethod

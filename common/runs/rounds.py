@@ -31,14 +31,14 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
                 cache_dir: Path, started: float, strategy: str, sites: dict[str, dict],
                 site_eval: dict | None = None, missing_sites: list | None = None, failures: list | None = None,
                 rejected: list | None = None, site_qc: dict | None = None, privacy: dict | None = None,
-                strategy_state: dict | None = None) -> RoundRecord:
+                strategy_state: dict | None = None, received_bytes: int | None = None) -> RoundRecord:
     """The server side of a round, the same for the ServerApp and every baseline arm: validate the round's
     model on the server's val rows, build the round record, append it to ``rounds.jsonl``, then checkpoint.
 
     ``sites`` maps each aggregated site (or the arm) to its train-reply metrics. The record goes first: a
     crash before the checkpoint lands makes resume repeat round ``g`` (its record is truncated away), and
     never leaves a checkpoint without its record. The record's ``val`` also holds ``seconds``, the time the
-    validation took. ``privacy`` (DP runs) goes into the record;
+    validation took. ``privacy`` (DP runs) and ``received_bytes`` (federated runs) go into the record;
     ``strategy_state`` (a server optimizer's moments, the privacy ledger: tensors and plain values) into the
     checkpoint, for resume. Returns the record.
     """
@@ -49,7 +49,7 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
     record = RoundRecord(round=g, val=metrics, train_loss=_train_loss(sites, total), num_examples=total, sites=sites,
                          site_eval=site_eval or {}, missing_sites=missing_sites or [], failures=failures or [],
                          rejected=rejected or [], site_qc=site_qc or {}, wall_seconds=time.time() - started,
-                         privacy=privacy)
+                         privacy=privacy, received_bytes=received_bytes)
     run.append_round(record)
     run.save_checkpoint(g, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, config=cfg.to_dict(),
                         metrics=record.to_dict(), model=model_args(cfg),

@@ -13,6 +13,11 @@ at the run's delta where DP is on. Results accumulate in ``<out>/strategies.json
     python benchmarks/strategies.py --out runs/experiments --arms fedavg fedmedian --schemes natural --seeds 0
     python benchmarks/strategies.py --out runs/experiments --cohort native --arms fedavg fedavg-fp16 --seeds 0 1 2
     python benchmarks/strategies.py --out runs/experiments --markdown
+    python benchmarks/strategies.py --out runs/experiments --report     # one fedpd report per cohort/partition/seed
+
+``--report`` renders, for each cohort, partition and seed, the report of its first arm (in ``ARMS`` order) with
+every other arm of the same cohort, partition and seed in its comparison table (test AUC with CI, selected
+round, round wall time, bytes received per round, epsilon), as ``fedpd report RUN --compare ARM ...`` does.
 
 Phantom results: they show how the options behave on this pipeline, never a clinical performance.
 """
@@ -175,6 +180,25 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def reports(results: dict, out: Path) -> list[Path]:
+    """``fedpd report`` of the first finished arm of each (cohort, partition, seed), the others as comparison
+    arms; returns the report pages."""
+    groups: dict[tuple[str, str, int], list[str]] = {}
+    for key in sorted(results, key=lambda k: list(ARMS).index(results[k]["arm"])):
+        r = results[key]
+        if not r.get("failed") and (out / "strategies" / key / "report.json").is_file():
+            groups.setdefault((r.get("cohort", "mni"), r["scheme"], r["seed"]), []).append(key)
+    pages = []
+    for (cohort, scheme, seed), keys_ in sorted(groups.items()):
+        first, *others = [out / "strategies" / k for k in keys_]
+        compare = [x for o in others for x in ("--compare", str(o))]
+        cmd = [*shlex.split(FEDPD), "report", str(first), *compare, "--saliency-scans", "0"]
+        print("$ " + shlex.join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        pages.append(first / "report.html")
+    return pages
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
@@ -185,10 +209,16 @@ def main() -> int:
                    help="native: make demo's preprocessed scanner-space cohort; mni: the template-space phantom")
     p.add_argument("--markdown", action="store_true", help="print the table from the results so far, run nothing")
     p.add_argument("--retry-failed", action="store_true", help="run again the arms whose stored result is a failure")
+    p.add_argument("--report", action="store_true", help="render one report per cohort, partition and seed with every "
+                   "arm in its comparison table, run nothing")
     a = p.parse_args()
     out = a.out.resolve()
     store = out / "strategies.json"
     results = json.loads(store.read_text()) if store.exists() else {}
+    if a.report:
+        for page in reports(results, out):
+            print(page)
+        return 0
     if a.markdown:
         print(markdown(results))
         print()

@@ -358,6 +358,7 @@ def _answer(conn: socket.socket, handlers: dict) -> None:
     started = time.monotonic()
     conn.sendall(ACCEPTED)
     request = json.loads(header)
+    log(logging.INFO, "site worker %d: accepted a %s message", os.getpid(), request.get("handler"))
     if request.get("protocol") != PROTOCOL or request.get("handler") not in handlers:
         _send(conn, json.dumps({"ok": False, "module": "builtins", "type": "RuntimeError", "logs": [],
                                 "message": f"site worker speaks protocol {PROTOCOL} with handlers {sorted(handlers)}; "

@@ -153,9 +153,11 @@ def test_a_worker_killed_mid_message_fails_that_message_with_its_log(tmp_path, m
     done = threading.Event()
 
     def kill_when_training():
+        # once the worker logged that it accepted the message (it then trains for 50 epochs); killed before that,
+        # the ClientApp would start another worker and the message succeed (a loaded CI machine once did that)
+        log = path.with_suffix(".log")
         while not done.is_set():  # a busy machine may take minutes over the worker's imports
-            if path.exists() and _worker_pids(path):
-                time.sleep(2.0)  # it accepted the message and trains for its 50 epochs
+            if log.is_file() and "accepted a train message" in log.read_text(errors="replace"):
                 for pid in _worker_pids(path):
                     os.kill(pid, 9)
                 return

@@ -70,12 +70,7 @@ class _WatchedGrid:
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         for msg in replies:
             if msg.has_error():
-                node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-                site = rec.node_sites.get(node, f"node-{node}")
-                rec.failed.setdefault(g, []).append({"node": node, "site": site, "phase": "train",
-                                                     "reason": msg.error.reason})
-                log(WARNING, "round %d: site %s failed in the secure round: %s", g, site,
-                    str(msg.error.reason).strip().splitlines()[-1][:300] if str(msg.error.reason).strip() else "?")
+                rec.record_error(g, sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id), msg, "train")
         return replies
 
 

@@ -409,6 +409,14 @@ class RecordingStrategy(Strategy):
             return _site_of(msg, node), node
         return sorted(replies, key=key)
 
+    def record_error(self, g: int, node: int, msg: Message, phase: str) -> None:
+        """An error reply about ``node``: a failure of its site in global round ``g`` (named once any reply named
+        it), logged with the site's own words."""
+        self.failed.setdefault(g, []).append({"node": node, "site": self.node_sites.get(node, f"node-{node}"),
+                                              "phase": phase, "reason": msg.error.reason})
+        log(WARNING, "round %d: site %s failed in %s: %s", g, self.node_sites.get(node, node), phase,
+            _reason_line(msg.error.reason))
+
     def count_received(self, g: int, replies: Iterable[Message]) -> None:
         """Add the content bytes of ``replies`` (error replies carry none) to global round ``g``'s total."""
         total = sum(content_bytes(m.content) for m in replies if not m.has_error())
@@ -441,14 +449,11 @@ class RecordingStrategy(Strategy):
 
     def _collect(self, server_round: int, replies: list[Message], into: dict[int, dict[str, dict]], phase: str) -> None:
         g = self.global_round(server_round)
-        sites, failed = {}, []
+        sites = {}
         for msg in replies:
             node = self._node_of(msg)
             if msg.has_error():
-                failed.append({"node": node, "site": self.node_sites.get(node, f"node-{node}"), "phase": phase,
-                               "reason": msg.error.reason})
-                log(WARNING, "round %d: site %s failed in %s: %s", g, self.node_sites.get(node, node), phase,
-                    _reason_line(msg.error.reason))
+                self.record_error(g, node, msg, phase)
                 continue
             site = _site_of(msg, node)
             self.node_sites[node] = site
@@ -458,7 +463,7 @@ class RecordingStrategy(Strategy):
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
             sites[site] = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}
         into[g] = sites
-        self.failed.setdefault(g, []).extend(failed)
+        self.failed.setdefault(g, [])
 
     def aggregate_train(self, server_round: int, replies):
         replies = self._ordered(replies)

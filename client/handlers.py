@@ -22,14 +22,16 @@ from common import keys
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.device import deterministic_kernels, runtime
-from common.learning.model import batchnorm_keys, exchanged_keys, load_state_numpy, make_model
+from common.learning.model import exchanged_keys, load_state_numpy, make_model, site_batchnorm_keys
 from common.learning.train import train_local, train_loader, validation_metrics
 
-__all__ = ["train", "evaluate", "FEDBN_STATE", "LEGACY_FIT_ARRAYS", "HANDLERS"]
+__all__ = ["train", "evaluate", "SITE_BATCHNORM", "LEGACY_FIT_ARRAYS", "HANDLERS"]
 
 LEGACY_FIT_ARRAYS = "fitins.parameters"  # the weights record of Flower's legacy FitIns (SecAgg+ rounds)
-# context.state record (kept by the SuperNode per run and site between messages) holding the site's own BatchNorm
-FEDBN_STATE = "fedbn-batchnorm"
+# context.state record (kept by the SuperNode per run and site between messages) holding the BatchNorm state the
+# site keeps for itself (common.learning.model.site_batchnorm_keys): all of it under fedbn, the running statistics
+# under DP and secure aggregation
+SITE_BATCHNORM = "site-batchnorm"
 
 
 def _incoming(msg: Message, model) -> tuple[dict, dict, bool]:
@@ -47,8 +49,9 @@ def _incoming(msg: Message, model) -> tuple[dict, dict, bool]:
 
 
 def _setup(msg: Message, context: Context):
-    """Shared by train and evaluate: config, site, device, model with the server's weights (and, for fedbn,
-    this site's own BatchNorm from earlier rounds)."""
+    """Shared by train and evaluate: config, site, device, model with the server's weights (and the BatchNorm
+    state this site keeps, from its earlier messages of this run: all of it under fedbn, the running
+    statistics under DP and secure aggregation)."""
     cfg = run_config(context)
     site = resolve_site(context.node_config, cfg)
     rt = runtime(cfg.amp)
@@ -56,18 +59,20 @@ def _setup(msg: Message, context: Context):
     model = make_model(cfg)
     arrays, config, legacy = _incoming(msg, model)
     load_state_numpy(model, arrays, keys=exchanged_keys(model, cfg.statistics_shared))
-    if cfg.strategy == "fedbn" and FEDBN_STATE in context.state:
-        # the global model's BatchNorm (the sites' average) is replaced by this site's own, from its last round
-        # strict on exactly the BatchNorm keys (load_state_numpy refuses a missing or extra key)
-        load_state_numpy(model, context.state[FEDBN_STATE].to_torch_state_dict(), keys=batchnorm_keys(model))
+    kept = site_batchnorm_keys(model, cfg.strategy, cfg.statistics_shared)
+    if kept and SITE_BATCHNORM in context.state:
+        # fedbn: the global model's BatchNorm (the sites' average) is replaced by this site's own; DP and secure
+        # aggregation: the statistics, which never travel, are this site's from its last training round. Strict
+        # on exactly those keys (load_state_numpy refuses a missing or extra key)
+        load_state_numpy(model, context.state[SITE_BATCHNORM].to_torch_state_dict(), keys=kept)
     g = int(config.get(keys.GLOBAL_ROUND, config.get(keys.SERVER_ROUND, 1)))
     return cfg, site, rt, model, g, config, legacy
 
 
-def _keep_batchnorm(model, context: Context) -> None:
-    """fedbn: keep this site's BatchNorm (affine and statistics) for its next message of this run."""
+def _keep_batchnorm(model, context: Context, kept: list[str]) -> None:
+    """Keep this site's BatchNorm state ``kept`` (site_batchnorm_keys) for its next message of this run."""
     state = model.state_dict()
-    context.state[FEDBN_STATE] = ArrayRecord(OrderedDict((k, state[k]) for k in batchnorm_keys(model)))
+    context.state[SITE_BATCHNORM] = ArrayRecord(OrderedDict((k, state[k]) for k in kept))
 
 
 def _attacker(cfg: RunConfig, site, context: Context) -> bool:
@@ -137,8 +142,7 @@ def train(msg: Message, context: Context, startup: float) -> Message:
     setup = time.monotonic() - entered
     result = train_local(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          rt=rt, class_weights=weights, num_examples=len(rows),
-                         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
-                         freeze_statistics=not cfg.statistics_shared)
+                         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)))
     metrics = {
         keys.NUM_EXAMPLES: result.num_examples,
         keys.TRAIN_LOSS: result.loss,
@@ -153,8 +157,9 @@ def train(msg: Message, context: Context, startup: float) -> Message:
     log(INFO, "site %s, round %d: trained on %d scans (%d control, %d PD), loss %.4f, %.1f s", site.name, g,
         result.num_examples, metrics[keys.class_count_key(0)], metrics[keys.class_count_key(1)], result.loss,
         result.seconds)
-    if cfg.strategy == "fedbn":
-        _keep_batchnorm(model, context)
+    kept = site_batchnorm_keys(model, cfg.strategy, cfg.statistics_shared)
+    if kept:
+        _keep_batchnorm(model, context, kept)
     if attacker:
         _attack(model, start, cfg)
         log(WARNING, "site %s, round %d: SIMULATED ATTACK: sends %s x%g of its update", site.name, g, cfg.attack,

@@ -266,8 +266,9 @@ def remote(name: str, msg: Message, context: Context, startup: float, *, owner: 
     """Run handler ``name`` on the worker of this site and ``owner`` (the process whose end ends the worker),
     starting one (exiting after ``idle`` seconds without a message) if none listens.
 
-    The reply, the site's updated ``context.state`` (fedbn keeps its BatchNorm there) and the handler's log
-    lines come back; a handler's exception is raised here again (same type for builtins and fedpd's errors).
+    The reply, the site's updated ``context.state`` (the BatchNorm state the site keeps under fedbn, DP and secure
+    aggregation) and the handler's log lines come back; a handler's exception is raised here again (same type
+    for builtins and fedpd's errors).
     """
     path = socket_path(context.node_config, owner)
     entered = time.monotonic()

@@ -20,6 +20,7 @@ from common.config import RunConfig
 from common.device import runtime
 from common.errors import RunFailedError
 from common.learning.model import exchanged_keys, load_state_numpy, statistics_keys
+from common.learning.train import recalibrate_batchnorm
 from common.report.render import render_report
 from common.runs.finalize import finalize_run
 from common.runs.records import RoundRecord
@@ -34,9 +35,19 @@ app = ServerApp()
 
 def _round_record(setup: ServerSetup, strategy: RecordingStrategy, g: int, arrays: ArrayRecord) -> MetricRecord:
     """Global round ``g``'s server side (common.runs.rounds.close_round, as for every baseline arm): validate the
-    aggregate on the server's val rows, record the round with what the strategy saw of the sites, checkpoint."""
+    aggregate on the server's val rows, record the round with what the strategy saw of the sites, checkpoint.
+
+    Under DP and secure aggregation the sites keep their BatchNorm statistics, so the aggregate comes without
+    any: the server re-estimates them on its validation images first (labels unread; test scans never), and
+    they go into the checkpoint with the weights."""
     model = setup.model
     load_state_numpy(model, arrays.to_torch_state_dict(), keys=exchanged_keys(model, setup.cfg.statistics_shared))
+    if not setup.cfg.statistics_shared:
+        used = recalibrate_batchnorm(model, setup.val_rows, setup.cfg, setup.rt, setup.cache_dir)
+        if g == setup.start_round + 1:
+            log(INFO, "round %d: under %s the sites keep their BatchNorm statistics; the server re-estimates its own "
+                "on its %d validation scans every round", g, "secure aggregation" if setup.cfg.secure_aggregation else "DP",
+                used)
     privacy = privacy_spent(strategy)
     record = close_round(
         setup.run, model, g, cfg=setup.cfg, rt=setup.rt, val_rows=setup.val_rows, cache_dir=setup.cache_dir,

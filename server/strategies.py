@@ -15,6 +15,9 @@ has the same screening, bookkeeping, checkpoints and report. What fedpd adds to 
   ``RdpAccountant`` after every round: by Flower's fixed-clipping wrappers themselves, and for adaptive
   clipping (which Flower does not account) here, with the same accountant and the run's noise multiplier,
   which is the effective multiplier of the model and clipped-count noise together (Andrew et al. 2021).
+  BatchNorm running statistics are not sent under DP or secure aggregation (they cannot be clipped or
+  quantized with the update): each site keeps its own, and the server re-estimates its own on its validation
+  images every round (server/app.py, ``common.learning.train.recalibrate_batchnorm``).
 """
 
 from __future__ import annotations

@@ -508,14 +508,14 @@ def test_fedbn_site_keeps_its_own_batchnorm_between_rounds(tmp_path, med3d_state
     """fedbn: after round 1 the site keeps every BatchNorm tensor in context.state; in round 2 it trains from
     its own BatchNorm, not the server's (here the server's BatchNorm weights are all 5)."""
     from client.app import train
-    from client.handlers import FEDBN_STATE
+    from client.handlers import SITE_BATCHNORM
     from common.learning.model import batchnorm_keys
 
     cfg = make_cfg(strategy="fedbn", lr=1e-3)
     ctx = _site_context(tmp_path, cfg)
     arrays = ArrayRecord({k: torch.as_tensor(v) for k, v in med3d_state.items()})
     train(instruction(101, RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 1})})), ctx)
-    kept = ctx.state[FEDBN_STATE].to_torch_state_dict()
+    kept = ctx.state[SITE_BATCHNORM].to_torch_state_dict()
     assert list(kept) == batchnorm_keys(build_med3d(depth=10, num_classes=2))
     server = {k: (np.full_like(v, 5.0) if k in _bn_weights(med3d_state) else v) for k, v in med3d_state.items()}
     reply = train(instruction(101, RecordDict({keys.ARRAYS: ArrayRecord({k: torch.as_tensor(v) for k, v in server.items()}),
@@ -526,19 +526,75 @@ def test_fedbn_site_keeps_its_own_batchnorm_between_rounds(tmp_path, med3d_state
         assert torch.allclose(sent[k], kept[k], atol=0.1), k
 
 
-def test_dp_site_sends_trained_parameters_only_with_statistics_frozen(tmp_path, med3d_state):
-    """dp: the server sends the parameters without BatchNorm statistics; the site trains with its statistics
-    frozen and replies with exactly those keys, in the order sent, and a unit weight."""
-    from client.app import train
-    from common.learning.model import statistics_keys
+def test_recalibrate_batchnorm_estimates_the_rows_statistics(tmp_path):
+    """The server's BatchNorm statistics under DP and secure aggregation: recalibrate_batchnorm resets every
+    BatchNorm and averages it over one pass of the rows' un-augmented images, the same at every call; the
+    first BatchNorm's mean and variance are those of its inputs, batch by batch."""
+    from common.learning.train import eval_loader, recalibrate_batchnorm
+
+    cfg = make_cfg()
+    rows = cohort(tmp_path, {(0, "A"): 2, (1, "A"): 2}, ("val",))
+    rt, cache = runtime(False), tmp_path / "cache"
+    torch.manual_seed(0)
+    model = build_med3d(depth=10, num_classes=2)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert recalibrate_batchnorm(model, rows, cfg, rt, cache) == 4
+    assert not model.training
+    assert all(int(m.num_batches_tracked) == 2 for m in norms)  # 4 rows in batches of 2, counted from zero
+    assert all(m.momentum == 0.1 for m in norms)  # torch's update_bn restores the momentum
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+
+    seen = []
+    hook = norms[0].register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0].detach()))
+    with torch.no_grad():
+        for batch in eval_loader(rows, cfg, cache):
+            model(batch["image"])
+    hook.remove()
+    means = torch.stack([x.mean(dim=(0, 2, 3, 4)) for x in seen]).mean(0)
+    variances = torch.stack([x.transpose(0, 1).reshape(x.shape[1], -1).var(dim=1) for x in seen]).mean(0)
+    assert torch.allclose(norms[0].running_mean, means, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(norms[0].running_var, variances, rtol=1e-4, atol=1e-6)
+
+    recalibrate_batchnorm(model, rows, cfg, rt, cache)  # reset and re-estimated, not accumulated
+    assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())
+    assert recalibrate_batchnorm(model, rows.iloc[:0], cfg, rt, cache) == 0  # no rows: statistics kept
+    assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())
+
+
+def test_dp_site_sends_trained_parameters_only_and_keeps_its_statistics(tmp_path, med3d_state):
+    """dp: the server sends the parameters without BatchNorm statistics; the site trains with batch statistics,
+    replies with exactly the keys sent, in order, and a unit weight, and keeps its running statistics in its
+    context.state (never sent): its evaluation normalises with them, and its next round starts from them."""
+    from client.app import evaluate, train
+    from client.handlers import SITE_BATCHNORM
+    from common.learning.model import load_state_numpy, statistics_keys
+    from common.learning.train import validation_metrics
 
     cfg = make_cfg(dp="client-fixed", lr=1e-3)
     ctx = _site_context(tmp_path, cfg)
-    stats = set(statistics_keys(build_med3d(depth=10, num_classes=2)))
-    params = ArrayRecord({k: torch.as_tensor(v) for k, v in med3d_state.items() if k not in stats})
-    reply = train(instruction(101, RecordDict({keys.ARRAYS: params, keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 1})})), ctx)
+    model = build_med3d(depth=10, num_classes=2)
+    stats = statistics_keys(model)
+    params = ArrayRecord({k: torch.as_tensor(v) for k, v in med3d_state.items() if k not in set(stats)})
+    message = lambda g: instruction(101, RecordDict({keys.ARRAYS: params, keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: g})}))
+    reply = train(message(1), ctx)
     assert list(reply.content[keys.ARRAYS]) == list(params)
     assert reply.content[keys.METRICS][keys.UNIT_WEIGHT] == 1
+    kept = ctx.state[SITE_BATCHNORM].to_torch_state_dict()
+    assert list(kept) == stats
+    counts = [k for k in stats if k.endswith("num_batches_tracked")]
+    assert all(int(kept[k]) > 0 for k in counts)  # trained with batch statistics, which moved the running ones
+    assert not any(torch.allclose(kept[k], torch.as_tensor(med3d_state[k])) for k in stats if k.endswith("running_mean"))
+
+    # evaluate: the site's own statistics, exactly (a model given the same weights and statistics scores the same)
+    ev = evaluate(instruction(102, RecordDict({keys.ARRAYS: params, keys.CONFIG: ConfigRecord({})}), "evaluate"), ctx)
+    load_state_numpy(model, {k: torch.as_tensor(v) for k, v in med3d_state.items()} | kept)
+    rows = read_manifest(Path(ctx.node_config["data-path"]))
+    own = validation_metrics(model, rows[rows["split"] == "val"], cfg, runtime(False), Path(ctx.node_config["cache-dir"]))
+    assert ev.content[keys.METRICS][keys.eval_key("loss")] == pytest.approx(own["loss"], rel=1e-5)
+
+    train(message(2), ctx)  # round 2 goes on from round 1's statistics: its batch counts add up
+    again = ctx.state[SITE_BATCHNORM].to_torch_state_dict()
+    assert all(int(again[k]) == 2 * int(kept[k]) for k in counts)
     with pytest.raises(RuntimeError, match="exchanged keys"):  # the whole state (statistics too) is refused
         train(instruction(101, RecordDict({keys.ARRAYS: ArrayRecord({k: torch.as_tensor(v) for k, v in med3d_state.items()}),
                                            keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 1})})), ctx)

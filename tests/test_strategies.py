@@ -6,8 +6,8 @@
   ``RecordingStrategy``: median, trimmed mean, Krum, robustness to one sign-flipped site, FedAdam/FedYogi
   averaging the BatchNorm statistics, and the DP wrappers (global round, clipping, equal weights, no release
   of an incomplete round);
-- the local side: FedProx's proximal term and frozen BatchNorm statistics in ``train_local``; the keys a
-  DP run exchanges and their partial loading;
+- the local side: FedProx's proximal term in ``train_local``; the keys a DP run exchanges, the BatchNorm state
+  a site keeps, and their partial loading;
 - a resume's strategy state (server optimizer moments, privacy ledger, clipping norm) through a
   ``weights_only`` checkpoint; the privacy entries of rounds.jsonl and report.json; the arm names.
 
@@ -563,7 +563,7 @@ def test_dp_round_with_a_rejected_site_is_not_released(dp):
     assert privacy_spent(built)["releases"] == 0
 
 
-# --- 4. local training: FedProx and frozen statistics ------------------------------------------------
+# --- 4. local training: FedProx ---------------------------------------------------------------------------
 
 
 def _train(model: nn.Module, **kwargs) -> None:
@@ -589,30 +589,6 @@ def test_proximal_term_keeps_the_model_near_the_global_weights():
     again = copy.deepcopy(start)
     _train(again, proximal_mu=0.0)  # same seed and data: the comparison is not noise
     assert _param_distance(again, start_params) == pytest.approx(d_plain, rel=1e-6)
-
-
-def test_freeze_statistics_keeps_every_batchnorm_buffer():
-    """freeze_statistics=True keeps every BatchNorm buffer while conv and affine weights train; without it they change."""
-    model = TinyConvBN(seed=0)
-    for module in model.modules():  # statistics unlike the data's, so an update would show
-        if isinstance(module, nn.BatchNorm3d):
-            module.running_mean.fill_(0.3)
-            module.running_var.fill_(2.0)
-            module.num_batches_tracked.fill_(7)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    free = copy.deepcopy(model)
-
-    _train(model, freeze_statistics=True)
-    after = model.state_dict()
-    for k in statistics_keys(model):
-        assert torch.equal(after[k], before[k]), k
-    for k in ("conv1.weight", "conv2.weight", "bn1.weight", "bn2.bias", "fc.weight"):
-        assert not torch.equal(after[k], before[k]), k
-
-    _train(free, freeze_statistics=False)
-    changed = free.state_dict()
-    for k in statistics_keys(free):
-        assert not torch.equal(changed[k], before[k]), k
 
 
 # --- 5. exchanged keys and partial loading -----------------------------------------------------------

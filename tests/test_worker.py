@@ -106,7 +106,7 @@ def test_the_worker_trains_exactly_as_the_handler_in_process_and_keeps_fedbn_sta
         assert mb[keys.STARTUP_SECONDS] > 0  # the wait for the worker's imports counts as this message's start-up
         assert dict(remote.content[keys.SITE]) == dict(local.content[keys.SITE])
         assert remote.metadata.reply_to_message_id == "msg-101"
-        kept_here, kept_there = (c.state[handlers.FEDBN_STATE].to_torch_state_dict() for c in (here, there))
+        kept_here, kept_there = (c.state[handlers.SITE_BATCHNORM].to_torch_state_dict() for c in (here, there))
         assert list(kept_here) == list(kept_there)
         assert all(torch.equal(kept_here[k], kept_there[k]) for k in kept_here)
 

@@ -434,11 +434,23 @@ def exchanged_keys(model: nn.Module, statistics: bool = True) -> list[str]:
     Everything when ``statistics`` (RunConfig.statistics_shared). Otherwise, under differential privacy or
     secure aggregation, only the trained parameters: a site's update must be clipped and noised as a whole,
     or quantized into a fixed range, and BatchNorm running statistics (data-dependent, not trained by gradient)
-    and batch counts (which grow by the number of batches) cannot be; so there the sites train with the
-    server's statistics frozen and never send them (:func:`common.learning.train.train_local`).
+    and batch counts (which grow by the number of batches) cannot be. There each site trains with batch
+    statistics and keeps its running statistics for itself (:func:`site_batchnorm_keys`), and the server
+    re-estimates its own from its validation images every round
+    (:func:`common.learning.train.recalibrate_batchnorm`).
     """
     stats = set() if statistics else set(statistics_keys(model))
     return [k for k in model.state_dict() if k not in stats]
+
+
+def site_batchnorm_keys(model: nn.Module, strategy: str, statistics: bool = True) -> list[str]:
+    """The BatchNorm state a site keeps for itself between the messages of a run (the ClientApp's
+    ``context.state``) and uses instead of what the server sent: every BatchNorm tensor under ``fedbn``; the
+    running statistics and batch counts when they are not exchanged (``statistics`` false: differential privacy,
+    secure aggregation); otherwise nothing."""
+    if strategy == "fedbn":
+        return batchnorm_keys(model)
+    return [] if statistics else statistics_keys(model)
 
 
 # --- from a run-config or a checkpoint to a model ---------------------------------------------------

@@ -29,7 +29,7 @@ from common.learning.metrics import MetricUndefinedWarning, binary_metrics
 log = logging.getLogger("fedpd.train")
 
 __all__ = ["TrainResult", "EvalResult", "train_local", "predict", "train_loader", "eval_loader", "evaluate_rows",
-           "validation_metrics"]
+           "validation_metrics", "recalibrate_batchnorm"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,6 @@ def train_local(
     num_examples: int | None = None,
     progress: bool = False,
     proximal_mu: float = 0.0,
-    freeze_statistics: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader`` with AdamW.
 
@@ -89,9 +88,6 @@ def train_local(
         progress: show a tqdm bar per epoch.
         proximal_mu: FedProx (Li et al. 2020): adds ``mu/2 * |w - w_start|^2`` over the trained parameters to
             every batch's loss, ``w_start`` being the weights the call started from (the global model).
-        freeze_statistics: keep BatchNorm running statistics as they came in (BatchNorm layers normalise with
-            them, in eval mode; their affine weights still train). Differential privacy uses this: the
-            statistics are not sent (:func:`common.learning.model.exchanged_keys`).
 
     Returns:
         The mean training loss per sample and the counts.
@@ -100,10 +96,6 @@ def train_local(
         FloatingPointError: the loss became NaN/Inf (the update would poison the federation).
     """
     rt.place(model).train()
-    if freeze_statistics:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     scaler = rt.grad_scaler()
@@ -200,6 +192,30 @@ def eval_loader(rows: pd.DataFrame, cfg: RunConfig, cache_dir: Path):
 def evaluate_rows(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfig, rt: Runtime, cache_dir: Path) -> EvalResult:
     """Predict every row (in order)."""
     return predict(model, eval_loader(rows, cfg, cache_dir), rt)
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfig, rt: Runtime,
+                          cache_dir: Path) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance from the images of ``rows`` (labels are
+    not read) under the model's current weights: reset, then averaged over one pass of the deterministic loader
+    (no augmentation), batch by batch (torch's ``swa_utils.update_bn``). Returns the number of scans used.
+
+    The server does this each round when the sites keep their statistics (differential privacy, secure
+    aggregation: :func:`common.learning.model.exchanged_keys`), on its validation rows, so that its
+    validation, checkpoints, test and exported model normalise as the sites did in training (with batch
+    statistics), instead of with the initial statistics the aggregated weights were never trained with."""
+    if rows.empty or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return 0
+    from torch.optim.swa_utils import update_bn
+
+    rt.place(model)
+    images = (rt.inputs(batch["image"]) for batch in eval_loader(rows, cfg, cache_dir))
+    with rt.autocast():
+        update_bn(images, model)
+    model.eval()
+    if rt.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return len(rows)
 
 
 def validation_metrics(model: torch.nn.Module, rows: pd.DataFrame, cfg: RunConfig, rt: Runtime,

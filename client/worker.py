@@ -20,8 +20,10 @@ as a ClientApp exception would; the next message starts a new one.
 
 Security. The socket lies in a folder only this user may enter (``$TMPDIR/fedpd-<uid>``, mode 0700, refused
 if anyone else owns it or may enter), is itself 0600, and the worker answers only processes of its own user
-(the kernel's peer credentials). What crosses it is Flower's own protobuf encoding of the message, the
-Context and the reply, plus a JSON header: nothing is unpickled, nothing executed.
+(the kernel's peer credentials). What crosses it is Flower's own protobuf encoding of the message (its
+metadata and records), the Context and the reply, except that arrays travel as their own bytes (Flower's
+``Array.data``, the same bytes its protobuf would carry) with their key, dtype, shape and stype in a JSON
+header: nothing is unpickled, nothing executed.
 
 A site turns it off with ``--node-config "... site-worker='false'"``: every message then runs in its own
 ClientApp process, as Flower intends. A simulation never uses it (its Ray actors already persist).
@@ -48,7 +50,8 @@ import time
 import traceback
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app.message import make_message
 from flwr.common import log
 from flwr.common.serde import (context_from_proto, context_to_proto, message_from_proto, message_to_proto,
                                recorddict_from_proto, recorddict_to_proto)
@@ -61,7 +64,7 @@ from common.errors import ConfigError
 
 __all__ = ["call", "remote", "wanted", "serve", "socket_path", "PROTOCOL"]
 
-PROTOCOL = 1  # bumped whenever the frames below change; part of the socket's name
+PROTOCOL = 2  # bumped whenever the frames below change; part of the socket's name
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding client/ and common/ (a FAB's install folder)
 DEFAULT_IDLE = 900.0  # seconds without a message after which a worker exits
 START_LIMIT = 600.0  # seconds a ClientApp waits for a new worker to listen (its imports, on a busy machine)
@@ -121,6 +124,44 @@ def _exactly(conn: socket.socket, n: int) -> bytes:
 
 def _receive(conn: socket.socket, count: int) -> list[bytes]:
     return [_exactly(conn, _LEN.unpack(_exactly(conn, _LEN.size))[0]) for _ in range(count)]
+
+
+def _receive_framed(conn: socket.socket) -> tuple[dict, list[bytes]]:
+    """A JSON header frame, then the ``frames`` more frames it announces."""
+    head = json.loads(_receive(conn, 1)[0])
+    return head, _receive(conn, int(head.get("frames", 0)))
+
+
+# --- records: arrays as their own frames, the rest as Flower's protobuf -------------------------------
+
+
+def _pack(content: RecordDict) -> tuple[dict, list[bytes]]:
+    """A RecordDict as an index (JSON) and frames: one protobuf frame with every record but the ArrayRecords,
+    then each array's bytes as they are. Flower's protobuf encoding copies a 57 MB model 4-5 times on its way
+    to bytes (about 0.5 s; ``benchmarks/handover.py``); an array's ``data`` is sent without a copy."""
+    rest, order, arrays, frames = RecordDict(), [], {}, []
+    for name, record in content.items():
+        order.append(name)
+        if isinstance(record, ArrayRecord):
+            arrays[name] = [[key, a.dtype, list(a.shape), a.stype] for key, a in record.items()]
+            frames += [a.data for a in record.values()]
+        else:
+            rest[name] = record
+    return {"order": order, "arrays": arrays}, [recorddict_to_proto(rest).SerializeToString(), *frames]
+
+
+def _unpack(index: dict, frames: list[bytes]) -> RecordDict:
+    """The RecordDict :func:`_pack` made ``index`` and ``frames`` of: the same records in the same order, the
+    same arrays (keys, order, dtype, shape, stype, bytes)."""
+    rest = recorddict_from_proto(ProtoRecordDict.FromString(frames[0]))
+    data = iter(frames[1:])
+    records = {name: ArrayRecord(array_dict={key: Array(dtype=dtype, shape=tuple(shape), stype=stype, data=next(data))
+                                             for key, dtype, shape, stype in items}, keep_input=False)
+               for name, items in index["arrays"].items()}
+    out = RecordDict()
+    for name in index["order"]:
+        out[name] = records[name] if name in records else rest[name]
+    return out
 
 
 # --- where a site's worker listens --------------------------------------------------------------------
@@ -240,16 +281,16 @@ def _rebuild(header: dict) -> Exception:
     return RuntimeError(f"{module}.{name}: {text}")
 
 
-def _exchange(conn: socket.socket, request: list[bytes]) -> tuple[bool, list[bytes]]:
-    """Send a request; returns (accepted, response). ``accepted`` False: the worker closed before it read the
-    request (it was exiting), so nothing ran and the request may go to a new worker."""
+def _exchange(conn: socket.socket, request: list[bytes]) -> tuple[bool, dict, list[bytes]]:
+    """Send a request; returns (accepted, response header, response frames). ``accepted`` False: the worker
+    closed before it read the request (it was exiting), so nothing ran and the request may go to a new worker."""
     try:
         _send(conn, *request)
         if conn.recv(1) != ACCEPTED:
-            return False, []
+            return False, {}, []
     except (BrokenPipeError, ConnectionResetError):
-        return False, []
-    return True, _receive(conn, 3)
+        return False, {}, []
+    return (True, *_receive_framed(conn))
 
 
 def call(name: str, msg: Message, context: Context, startup: float) -> Message:
@@ -272,6 +313,9 @@ def remote(name: str, msg: Message, context: Context, startup: float, *, owner: 
     """
     path = socket_path(context.node_config, owner)
     entered = time.monotonic()
+    index, frames = _pack(msg.content)
+    envelope = make_message(metadata=msg.metadata, content=RecordDict())  # the metadata, without the records
+    parts = [message_to_proto(envelope).SerializeToString(), context_to_proto(context).SerializeToString(), *frames]
     for _ in range(3):
         conn = _connect(path)
         if conn is None:
@@ -279,10 +323,10 @@ def remote(name: str, msg: Message, context: Context, startup: float, *, owner: 
         with conn:
             # the wait for a new worker's imports is start-up this message paid, like the imports it replaces
             waited = time.monotonic() - entered
-            header = json.dumps({"protocol": PROTOCOL, "handler": name, "startup": startup + waited}).encode()
-            request = [header, message_to_proto(msg).SerializeToString(), context_to_proto(context).SerializeToString()]
+            header = json.dumps({"protocol": PROTOCOL, "handler": name, "startup": startup + waited, "content": index,
+                                 "frames": len(parts)}).encode()
             try:
-                accepted, response = _exchange(conn, request)
+                accepted, head, response = _exchange(conn, [header, *parts])
             except (EOFError, ConnectionResetError) as exc:
                 peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 pid = struct.unpack("3i", peer)[0]
@@ -293,18 +337,17 @@ def remote(name: str, msg: Message, context: Context, startup: float, *, owner: 
     else:
         raise RuntimeError(f"site worker at {path} closed 3 connections before reading the message; see "
                            f"{path.with_suffix('.log')}")
-    head = json.loads(response[0])
     for level, text in head.get("logs", []):
         log(int(level), "%s", text)
     if not head["ok"]:
         log(logging.ERROR, "site worker: the %s handler raised:\n%s", name, head.get("traceback", ""))
         raise _rebuild(head)
-    state = recorddict_from_proto(ProtoRecordDict.FromString(response[2]))
+    state = recorddict_from_proto(ProtoRecordDict.FromString(response[0]))
     for key in [k for k in context.state if k not in state]:
         del context.state[key]
     for key, record in state.items():
         context.state[key] = record
-    return Message(recorddict_from_proto(ProtoRecordDict.FromString(response[1])), reply_to=msg)
+    return Message(_unpack(head["content"], response[1:]), reply_to=msg)
 
 
 # --- the worker's side --------------------------------------------------------------------------------
@@ -355,19 +398,18 @@ def _watch(owner: int, path: Path) -> None:
 
 
 def _answer(conn: socket.socket, handlers: dict) -> None:
-    header, message, context_bytes = _receive(conn, 3)
+    request, parts = _receive_framed(conn)
     started = time.monotonic()
     conn.sendall(ACCEPTED)
-    request = json.loads(header)
     log(logging.INFO, "site worker %d: accepted a %s message", os.getpid(), request.get("handler"))
-    if request.get("protocol") != PROTOCOL or request.get("handler") not in handlers:
-        _send(conn, json.dumps({"ok": False, "module": "builtins", "type": "RuntimeError", "logs": [],
+    if request.get("protocol") != PROTOCOL or request.get("handler") not in handlers or len(parts) < 3:
+        _send(conn, json.dumps({"ok": False, "module": "builtins", "type": "RuntimeError", "logs": [], "frames": 0,
                                 "message": f"site worker speaks protocol {PROTOCOL} with handlers {sorted(handlers)}; "
-                                           f"got {request.get('protocol')!r} / {request.get('handler')!r}"}).encode(),
-              b"", b"")
+                                           f"got {request.get('protocol')!r} / {request.get('handler')!r}"}).encode())
         return
-    msg = message_from_proto(ProtoMessage.FromString(message))
-    context = context_from_proto(ProtoContext.FromString(context_bytes))
+    envelope = message_from_proto(ProtoMessage.FromString(parts[0]))
+    msg = make_message(metadata=envelope.metadata, content=_unpack(request["content"], parts[2:]))
+    context = context_from_proto(ProtoContext.FromString(parts[1]))
     captured = _Captured()
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addHandler(captured)
@@ -375,13 +417,13 @@ def _answer(conn: socket.socket, handlers: dict) -> None:
     try:
         reply = handlers[request["handler"]](msg, context, float(request["startup"]))
         ok = True
-        out = [json.dumps({"ok": True, "logs": captured.lines}).encode(),
-               recorddict_to_proto(reply.content).SerializeToString(),
-               recorddict_to_proto(context.state).SerializeToString()]
+        index, frames = _pack(reply.content)
+        parts = [recorddict_to_proto(context.state).SerializeToString(), *frames]
+        out = [json.dumps({"ok": True, "logs": captured.lines, "content": index, "frames": len(parts)}).encode(), *parts]
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the ClientApp, which raises it
         out = [json.dumps({"ok": False, "logs": captured.lines, "module": type(exc).__module__,
-                           "type": type(exc).__qualname__, "message": str(exc),
-                           "traceback": traceback.format_exc()}).encode(), b"", b""]
+                           "type": type(exc).__qualname__, "message": str(exc), "frames": 0,
+                           "traceback": traceback.format_exc()}).encode()]
     finally:
         flwr_logger.removeHandler(captured)
     _send(conn, *out)

@@ -1,6 +1,7 @@
 """The site worker (client/worker.py): a real worker process on a real Unix socket, on a tiny 16^3 site.
 
 - it answers a training message exactly as the handler does in-process (same weights, same metrics);
+- the records cross the socket unchanged (arrays as their own bytes, the rest as Flower's protobuf);
 - fedbn's BatchNorm kept in ``context.state`` comes back from it;
 - a handler's error comes back with its own type and message, and the worker keeps serving;
 - it exits (leaving no socket) when its owner process is gone, or after its idle time;
@@ -36,6 +37,41 @@ try:
 except ImportError:  # run as a package
     from tests.deploy_helpers import processes
     from tests.test_app_units import _context, _site_context, instruction, make_cfg, med3d_state  # noqa: F401
+
+
+def test_records_cross_the_socket_unchanged():
+    """_pack/_unpack: every record, in order, the same kinds and values; every array with its key, order, dtype,
+    shape, stype and bytes, as Flower's protobuf would carry them; a legacy FitIns (SecAgg+) record set too."""
+    from flwr.app import Array, MetricRecord
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    state = {"a.weight": torch.randn(3, 2, 2), "a.num_batches_tracked": torch.tensor(7), "b": torch.zeros(0)}
+    content = RecordDict({keys.CONFIG: ConfigRecord({keys.GLOBAL_ROUND: 2, "s": "x"}),
+                          keys.ARRAYS: ArrayRecord(state),
+                          keys.METRICS: MetricRecord({"loss": 0.25}),
+                          "more": ArrayRecord({"h": torch.arange(6, dtype=torch.float16).reshape(2, 3)})})
+    legacy = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.ones(4), np.eye(2)]), {"k": 1}),
+                                         keep_input=True)
+    for original in (content, legacy):
+        index, frames = worker._pack(original)
+        arrays = [a for r in original.values() if isinstance(r, ArrayRecord) for a in r.values()]
+        assert len(frames) == 1 + len(arrays)
+        assert all(f is a.data for f, a in zip(frames[1:], arrays))  # sent as they are, not copied
+        back = worker._unpack(index, [bytes(f) for f in frames])
+        assert list(back) == list(original)
+        for name, record in original.items():
+            assert type(back[name]) is type(record)
+            if isinstance(record, ArrayRecord):
+                assert list(back[name]) == list(record)
+                for key, a in record.items():
+                    b = back[name][key]
+                    assert isinstance(b, Array)
+                    assert (b.dtype, tuple(b.shape), b.stype, b.data) == (a.dtype, tuple(a.shape), a.stype, a.data)
+            else:
+                assert dict(back[name]) == dict(record)
+    restored = worker._unpack(*worker._pack(content))[keys.ARRAYS].to_torch_state_dict()
+    assert all(torch.equal(restored[k], v) for k, v in state.items())
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from common.runs.records import RoundRecord
 from common.runs.rounds import close_round
 from server.secure import run_secure_rounds
 from server.setup import ServerSetup, prepare
-from server.strategies import arm_name, build_strategy, privacy_spent, restore_strategy_state, strategy_state
+from server.strategies import (arm_name, build_strategy, noise_to_update, privacy_spent, restore_strategy_state,
+                               strategy_state)
 from server.strategy import RecordingStrategy
 
 app = ServerApp()
@@ -48,7 +49,7 @@ def _round_record(setup: ServerSetup, strategy: RecordingStrategy, g: int, array
             log(INFO, "round %d: under %s the sites keep their BatchNorm statistics; the server re-estimates its own "
                 "on its %d validation scans every round", g, "secure aggregation" if setup.cfg.secure_aggregation else "DP",
                 used)
-    privacy = privacy_spent(strategy)
+    privacy = privacy_spent(strategy, _noised_parameters(setup.model, setup.cfg))
     record = close_round(
         setup.run, model, g, cfg=setup.cfg, rt=setup.rt, val_rows=setup.val_rows, cache_dir=setup.cache_dir,
         started=strategy.round_started.get(g, time.time()), strategy=setup.cfg.strategy,
@@ -66,6 +67,30 @@ def _round_record(setup: ServerSetup, strategy: RecordingStrategy, g: int, array
             "norm %.3g)", g, privacy["epsilon"], privacy["delta"], privacy["releases"], privacy["noise_multiplier"],
             privacy["clipping_norm"])
     return MetricRecord({keys.VAL_AUC: float(metrics["auc"]), keys.VAL_LOSS: float(metrics["loss"])})
+
+
+def _noised_parameters(model, cfg: RunConfig) -> int:
+    """How many numbers a site sends (and DP noises): the exchanged state's, without BatchNorm statistics under
+    DP and secure aggregation."""
+    state = model.state_dict()
+    return int(sum(state[k].numel() for k in exchanged_keys(model, cfg.statistics_shared)))
+
+
+def _warn_dp_noise(strategy, model, cfg: RunConfig) -> None:
+    """Say before round 1 whether this DP setting can learn at all (:func:`server.strategies.noise_to_update`)."""
+    parameters = _noised_parameters(model, cfg)
+    ratio = noise_to_update(strategy, parameters)
+    if ratio is None:
+        return
+    text = (f"dp: every round adds Gaussian noise whose expected norm is {ratio:.3g}x the largest averaged update the "
+            f"sites can send (noise multiplier x sqrt(parameters) / sites = {strategy.inner.noise_multiplier:.3g} x "
+            f"sqrt({parameters:,}) / {strategy.inner.num_sampled_clients})")
+    if ratio > 1:
+        log(WARNING, "%s: the noise outweighs any update, so the model cannot be expected to learn. The ratio falls "
+            "only with more sites per round or a smaller noise-multiplier (which spends more epsilon); README "
+            "\"Differential privacy\" says what site-level DP needs", text)
+    else:
+        log(INFO, "%s", text)
 
 
 def _site_counts(records: list[RoundRecord]) -> dict[str, dict]:
@@ -169,6 +194,7 @@ def main(grid: Grid, context: Context) -> None:
     if remaining > 0:
         strategy = build_strategy(cfg, round_offset=setup.start_round, statistics_keys=statistics_keys(setup.model))
         restore_strategy_state(strategy, setup.strategy_state)
+        _warn_dp_noise(strategy, setup.model, cfg)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord):
             if server_round == 0:

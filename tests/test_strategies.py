@@ -52,7 +52,7 @@ from common.learning.model import (batchnorm_keys, build_med3d, exchanged_keys, 
 from common.learning.train import train_local
 from common.runs.records import RoundRecord, RunReport
 from server.strategies import (FedpdFedAdam, FedpdFedYogi, _AccountedAdaptive, arm_name, build_strategy,
-                               privacy_spent, restore_strategy_state, strategy_state)
+                               noise_to_update, privacy_spent, restore_strategy_state, strategy_state)
 from server.strategy import RecordingStrategy
 
 torch.set_num_threads(2)
@@ -321,6 +321,31 @@ def test_build_strategy_wraps_in_flowers_dp_wrapper_with_an_accountant(strategy,
     spent = privacy_spent(built)
     assert spent["releases"] == 0 and spent["epsilon"] == 0.0 and spent["delta"] == 1e-4
     assert (spent["noise_multiplier"], spent["clipping_norm"]) == (1.5, 0.8)
+
+
+@pytest.mark.parametrize("dp", ["server-fixed", "client-fixed", "client-adaptive"])
+def test_noise_to_update_is_the_noise_norm_over_the_largest_update(dp):
+    """z x sqrt(parameters) / sites, with Flower's model noise multiplier (adaptive: the one it derives), whatever
+    the clipping norm: what README quotes for 3 sites, noise-multiplier 0.5 and Med3D-10's 14.4 M numbers."""
+    parameters = 14_361_292
+    ratios = []
+    for clipping_norm in (0.1, 10.0):
+        built = build_strategy(_cfg(dp=dp, min_nodes=3, noise_multiplier=0.5, clipping_norm=clipping_norm),
+                               round_offset=0, statistics_keys=STATS)
+        ratios.append(noise_to_update(built, parameters))
+        assert privacy_spent(built, parameters)["noise_to_update"] == ratios[-1]
+        assert "noise_to_update" not in privacy_spent(built)
+        # check against the noise Flower's wrapper really draws: std z C / n per number
+        std = built.inner.noise_multiplier * clipping_norm / 3
+        assert ratios[-1] == pytest.approx(std * math.sqrt(parameters) / clipping_norm)
+    assert ratios[0] == ratios[1]
+    z = 0.5 * ((1 - 1 / 4) ** -0.5 if dp == "client-adaptive" else 1.0)
+    assert ratios[0] == pytest.approx(z * math.sqrt(parameters) / 3)
+    if dp != "client-adaptive":
+        assert round(ratios[0]) == 632  # README's figure
+    more_sites = build_strategy(_cfg(dp=dp, min_nodes=30, noise_multiplier=0.5), round_offset=0, statistics_keys=STATS)
+    assert noise_to_update(more_sites, parameters) == pytest.approx(ratios[0] / 10)
+    assert noise_to_update(build_strategy(_cfg(), round_offset=0, statistics_keys=STATS), parameters) is None
 
 
 def test_no_dp_no_accountant():

@@ -137,11 +137,23 @@ def _statistics_from_server_validation(ckpt: dict, cohort: Path, text: str) -> N
     assert not any(torch.all(v == 1.0) for v in variances)  # not the initial statistics any more
 
 
-def _privacy_recorded(text: str, recs: list[dict], report: dict, releases: int) -> dict:
+def _privacy_recorded(text: str, recs: list[dict], report: dict, releases: int, ckpt: dict, html: str,
+                      adaptive: bool = False) -> dict:
     spent = recs[-1]["privacy"]
     assert spent["releases"] == releases and spent["epsilon"] > 0 and spent["delta"] == pytest.approx(1e-5)
     assert report["privacy"]["epsilon"] == pytest.approx(spent["epsilon"]) and report["privacy"]["rounds"] == len(recs)
     assert f"privacy spent epsilon {spent['epsilon']:.3f} at delta 1e-05" in text  # on the console
+    # the noise against the update: model noise multiplier x sqrt(numbers a site sends) / sites, where a site
+    # sends every parameter and no BatchNorm statistic
+    sent = sum(v.numel() for k, v in ckpt["state_dict"].items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    z = spent["noise_multiplier"] * ((1 - 1 / 4) ** -0.5 if adaptive else 1.0)  # Flower's model noise, adaptive
+    ratio = z * math.sqrt(sent) / len(recs[-1]["sites"])
+    assert spent["noise_to_update"] == pytest.approx(ratio, rel=1e-9) and ratio > 100
+    assert report["privacy"]["noise_to_update"] == pytest.approx(ratio, rel=1e-9)
+    assert f"expected norm is {ratio:.3g}x the largest averaged update" in text  # said before round 1
+    assert "the noise outweighs any update, so the model cannot be expected to learn" in text
+    assert f"expected noise norm {ratio:.3g}x the largest averaged update (the noise outweighs any update)" in html
     return spent
 
 
@@ -155,9 +167,9 @@ def test_fedprox_with_client_side_dp_clipping(cohort, runs):
     assert sorted(recs[0]["sites"]) == _sites(cohort) and recs[0]["rejected"] == []
     assert all(s["unit-weight"] == 1 for s in recs[0]["sites"].values())  # every site weighs the same
     assert text.count("fixedclipping_mod: parameters are clipped by value: 0.5000") == 3  # each site clipped
-    spent = _privacy_recorded(text, recs, report, releases=1)
-    assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] == 0.5
     html = (runs.out("fedprox-client-fixed") / "report.html").read_text()
+    spent = _privacy_recorded(text, recs, report, releases=1, ckpt=ckpt, html=html)
+    assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] == 0.5
     assert "privacy: epsilon" in html and f"{spent['epsilon']:.2f} (delta 1e-05)" in html  # the comparison table
     _statistics_from_server_validation(ckpt, cohort, text)
     assert ckpt["strategy"]["name"] == "fedprox" and ckpt["strategy"]["dp"] == "client-fixed"
@@ -171,7 +183,8 @@ def test_fedbn_with_server_side_dp_clipping(cohort, runs):
     assert all(sorted(r["sites"]) == _sites(cohort) for r in recs)
     first = recs[0]["privacy"]
     assert first["releases"] == 1 and f"privacy spent epsilon {first['epsilon']:.3f}" in text
-    second = _privacy_recorded(text, recs, report, releases=2)
+    second = _privacy_recorded(text, recs, report, releases=2, ckpt=ckpt,
+                               html=(runs.out("fedbn-server-fixed") / "report.html").read_text())
     assert second["epsilon"] > first["epsilon"]  # privacy loss accumulates over rounds
     _statistics_from_server_validation(ckpt, cohort, text)
 
@@ -179,9 +192,10 @@ def test_fedbn_with_server_side_dp_clipping(cohort, runs):
 def test_fedavg_with_adaptive_client_clipping(runs):
     """dp=client-adaptive: Flower's adaptiveclipping_mod at the sites; the clipping norm adapts after the round
     and the round is composed into the ledger."""
-    text, recs, report, _ = runs.get("client-adaptive")
+    text, recs, report, ckpt = runs.get("client-adaptive")
     assert "adaptiveclipping_mod" in text
-    spent = _privacy_recorded(text, recs, report, releases=1)
+    spent = _privacy_recorded(text, recs, report, releases=1, ckpt=ckpt,
+                              html=(runs.out("client-adaptive") / "report.html").read_text(), adaptive=True)
     assert spent["noise_multiplier"] == 0.5 and spent["clipping_norm"] != 0.5  # adapted from the initial norm
     assert all("norm_bit" in s for s in recs[0]["sites"].values())
 

@@ -177,7 +177,23 @@ def _section_summary(ctx: _Run) -> str:
                            f"{r.rounds or len(ctx.rounds) or 'n/a'} ({r.selection or 'selection rule not recorded'})"),
         ("Decision threshold", f"{fmt(r.threshold, 4)} ({r.threshold_rule or 'rule not recorded'})"),
     ]
+    if r.privacy:
+        rows.append(("Differential privacy (site-level)", _privacy_text(r.privacy)))
     return table(None, [(f"<b>{esc(k)}</b>", esc(v)) for k, v in rows], raw=True)
+
+
+def _privacy_text(privacy: dict) -> str:
+    """The privacy spent and how loud the noise was against the update (``noise_to_update``, when recorded)."""
+    p = privacy
+    delta = num(p.get("delta"))
+    text = (f"epsilon {fmt(p.get('epsilon'), 2)} at delta {'n/a' if delta is None else f'{delta:g}'} after "
+            f"{p.get('releases', 'n/a')} released round(s); noise multiplier {fmt(p.get('noise_multiplier'), 3)}, "
+            f"clipping norm {fmt(p.get('clipping_norm'), 3)}")
+    ratio = num(p.get("noise_to_update"))
+    if ratio is not None:
+        text += (f"; expected noise norm {ratio:.3g}x the largest averaged update"
+                 + (" (the noise outweighs any update)" if ratio > 1 else ""))
+    return text
 
 
 def _cohort_counts(ctx: _Run) -> tuple[list[str], dict[tuple[str, int], dict[str, tuple[int, int | None]]]]:

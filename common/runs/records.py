@@ -48,7 +48,7 @@ class RoundRecord:
     rejected: list[dict[str, Any]] = field(default_factory=list)  # {site, round, phase, reason}: update screening
     site_qc: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> {kept, excluded} preprocessing QC
     wall_seconds: float | None = None
-    # DP runs: the privacy spent so far {epsilon, delta, releases, noise_multiplier, clipping_norm}
+    # DP runs: the privacy spent so far {epsilon, delta, releases, noise_multiplier, clipping_norm, noise_to_update}
     privacy: dict[str, Any] | None = None
     # federated runs: the bytes of every site reply the server received this round (train and evaluate replies,
     # each SecAgg+ stage), as Flower counts a message's content; None for the baseline arms

@@ -150,17 +150,26 @@ def _where(r: dict) -> str:
     return f"{r.get('cohort', 'mni')}, {r['scheme']}"
 
 
+def _name(r: dict) -> str:
+    """The report's arm name, with the noise multiplier under DP (the arms of the noise sweep share a name)."""
+    z = (r.get("privacy") or {}).get("noise_multiplier")
+    return r["name"] + (f", z {z:g}" if z is not None else "")
+
+
 def markdown(results: dict) -> str:
     lines = ["| arm | cohort, partition | seed | test AUC [95% CI] | balanced acc. | round | round wall | site bytes/round | "
              "epsilon (delta) |", "|" + "---|" * 9]
     for key in sorted(results, key=lambda k: (list(ARMS).index(results[k]["arm"]), _where(results[k]), results[k]["seed"])):
         r = results[key]
         if r.get("failed"):
-            lines.append(f"| {r['name']} | {_where(r)} | {r['seed']} | run failed: {r['failed'][:160]} | | | | | |")
+            lines.append(f"| {_name(r)} | {_where(r)} | {r['seed']} | run failed: {r['failed'][:160]} | | | | | |")
             continue
-        eps = (f"{r['privacy']['epsilon']:.1f} ({r['privacy']['delta']:g})" if r.get("privacy") else "-")
+        eps = "-"
+        if r.get("privacy"):
+            e = r["privacy"]["epsilon"]
+            eps = (f"{e:.1f}" if e < 1e4 else f"{e:.2g}") + f" ({r['privacy']['delta']:g})"
         mb = f"{r['site_bytes_per_round'] / 1e6:.1f} MB" if r.get("site_bytes_per_round") else "n/a"
-        lines.append(f"| {r['name']} | {_where(r)} | {r['seed']} | {_ci(r['test_auc'])} | {_ci(r['balanced_accuracy'])} | "
+        lines.append(f"| {_name(r)} | {_where(r)} | {r['seed']} | {_ci(r['test_auc'])} | {_ci(r['balanced_accuracy'])} | "
                      f"{r['selected_round']} | {r['round_wall_s']:.0f} s | {mb} | {eps} |")
     return "\n".join(lines)
 
@@ -179,7 +188,7 @@ def summary(results: dict) -> str:
         ok = [a for a in aucs if a is not None and a == a]
         mean = f"{sum(ok) / len(ok):.2f}" if ok else "n/a"
         above = sum(1 for r in rs if not r.get("failed") and (r["test_auc"].get("ci95") or [0])[0] > 0.5)
-        lines.append(f"| {rs[0]['name']} | {scheme} | {', '.join(str(r['seed']) for r in rs)} | {shown} | {mean} | "
+        lines.append(f"| {_name(rs[0])} | {scheme} | {', '.join(str(r['seed']) for r in rs)} | {shown} | {mean} | "
                      f"{above} of {len(rs)} |")
     return "\n".join(lines)
 

@@ -237,7 +237,8 @@ def noise_to_update(strategy: RecordingStrategy, parameters: int) -> float | Non
     averaged update (``z``: the model's noise multiplier, for adaptive clipping the one Flower derives from the
     run's; ``C``: the clipping norm; ``n``: the sites per round), whose norm is at most ``C``. The noise's
     expected norm is then ``z * sqrt(parameters) / n`` times the largest update the sites can send, whatever
-    ``C``. Above 1 the noise outweighs any update: at 3 sites and a 14.4 M-parameter model, z 0.5 gives 632.
+    ``C``. Above 1 the noise is louder than any one round's update (at 3 sites and a 14.4 M-parameter model, z 0.5
+    gives 632); whether the model still learns depends on the noise per number against its weights (server/app.py).
     """
     dp = _dp_wrapper(strategy)
     if dp is None:

@@ -151,9 +151,14 @@ def _privacy_recorded(text: str, recs: list[dict], report: dict, releases: int, 
     ratio = z * math.sqrt(sent) / len(recs[-1]["sites"])
     assert spent["noise_to_update"] == pytest.approx(ratio, rel=1e-9) and ratio > 100
     assert report["privacy"]["noise_to_update"] == pytest.approx(ratio, rel=1e-9)
-    assert f"expected norm is {ratio:.3g}x the largest averaged update" in text  # said before round 1
-    assert "the noise outweighs any update, so the model cannot be expected to learn" in text
-    assert f"expected noise norm {ratio:.3g}x the largest averaged update (the noise outweighs any update)" in html
+    assert f"expected norm {ratio:.3g}x the largest averaged update" in text  # said before round 1
+    assert "the noise is louder than any round's update, so the model learns only if" in text
+    # ... and per number, against the RMS of the weights a site sends (the model's at round 1, here the initial one)
+    std = z * spent["clipping_norm"] / len(recs[-1]["sites"]) if not adaptive else None
+    if std is not None:
+        assert f"Gaussian noise of std {std:.3g} to each of the {sent:,} numbers a site sends" in text
+    assert re.search(r"the model's weights: RMS 0\.0[0-9]+\)", text)
+    assert f"expected noise norm {ratio:.3g}x the largest averaged update (louder than any single update)" in html
     return spent
 
 

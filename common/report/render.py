@@ -192,7 +192,7 @@ def _privacy_text(privacy: dict) -> str:
     ratio = num(p.get("noise_to_update"))
     if ratio is not None:
         text += (f"; expected noise norm {ratio:.3g}x the largest averaged update"
-                 + (" (the noise outweighs any update)" if ratio > 1 else ""))
+                 + (" (louder than any single update)" if ratio > 1 else ""))
     return text
 
 

@@ -96,7 +96,8 @@ def _warn_dp_noise(strategy, model, cfg: RunConfig) -> None:
             "up over the rounds faster than the noise does, which needs the noise per number well below the weights "
             "(EXPERIMENTS.md \"What DP costs\": on the phantom at 3 sites a noise std of 0.08 times the weights' RMS "
             "learned at 3 of 3 seeds, 0.77 times at 1 of 3, 7.7 times at none). The noise falls only with more "
-            "sites per round or a smaller noise-multiplier (which spends more epsilon); README \"Differential privacy\" says what site-level DP needs", text)
+            "sites per round or a smaller noise-multiplier (which spends more epsilon); README \"Differential "
+            "privacy\" says what site-level DP needs", text)
     else:
         log(INFO, "%s", text)
 

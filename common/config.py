@@ -146,6 +146,8 @@ class RunConfig:
     resume: bool = key(bool, None, "continue from the last checkpoint in out-dir")
     seed: int = key(int, _at_least(0), "random seed")
     round_timeout: float = key(float, _at_least(0.0, exclusive=True), "seconds to wait for replies per round")
+    poll_interval: float = key(float, _at_least(0.0, exclusive=True),
+                               "seconds between the server's checks for site replies (Flower's deployment Grid: 3)")
     num_workers: int = key(int, _at_least(0), "DataLoader worker processes")
 
     @staticmethod

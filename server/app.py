@@ -25,6 +25,7 @@ from common.report.render import render_report
 from common.runs.finalize import finalize_run
 from common.runs.records import RoundRecord
 from common.runs.rounds import close_round
+from server.grid import PollingGrid
 from server.secure import run_secure_rounds
 from server.setup import ServerSetup, prepare
 from server.strategies import (arm_name, build_strategy, noise_to_update, privacy_spent, restore_strategy_state,
@@ -196,6 +197,7 @@ def _require_training(setup: ServerSetup, records: list[RoundRecord]) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run the federated rounds that are left, then select, test once and write the report."""
     cfg = RunConfig.from_mapping(context.run_config, defaults={})  # Flower merged the defaults
+    grid = PollingGrid(grid, cfg.poll_interval)
     setup = prepare(cfg, runtime(cfg.amp))
     remaining = cfg.num_server_rounds - setup.start_round
     log(INFO, "fedpd server: %d round(s) to run (from round %d), device %s, out %s",

@@ -80,6 +80,7 @@ def test_holdout_run_into_an_old_run_writes_nothing(partition, tmp_path, capsys)
     ("min-nodes=4", "min-nodes", "set min-nodes <= 3"),
     ("lr=inf", "'lr'", "finite"),
     ("round-timeout=nan", "'round-timeout'", "finite"),
+    ("poll-interval=0.0", "'poll-interval'", "must be > 0"),
     ("pretrained-path='/no/such/resnet_10.pth'", "pretrained-path", "no such file"),
 ])
 def test_simulate_config_errors_stop_before_flower(partition, tmp_path, capsys, extra, key, fix):

@@ -5,7 +5,9 @@ evaluate message per round, with Flower's FedAvg; the ClientApp answers the trai
 it got and the evaluate message with a count. Each round's start (``configure_train``) and end (after the
 evaluate replies) go to the run-config's ``out`` JSON file, as fedpd's ``rounds.jsonl`` times its rounds,
 with the slowest ClientApp process's age when its handler ran (``startup-seconds``, as fedpd's sites report it):
-Flower's own start-up of a message, which fedpd's per-message start-up is compared against.
+Flower's own start-up of a message, which fedpd's per-message start-up is compared against. The ServerApp
+checks for replies every ``poll-interval`` seconds with fedpd's :class:`server.grid.PollingGrid`, as fedpd's
+ServerApp does (3 s: Flower's deployment Grid's own wait).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+
+from server.grid import PollingGrid  # fedpd's own wrapper (the venv that runs this app has fedpd installed)
 
 server = ServerApp()
 client = ClientApp()
@@ -63,6 +67,7 @@ class _Timed(FedAvg):
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
+    grid = PollingGrid(grid, float(rc["poll-interval"]))  # fedpd's ServerApp does the same (server/grid.py)
     spec = json.loads(Path(str(rc["shapes"])).read_text())
     arrays = ArrayRecord(OrderedDict((name, Array(np.zeros(shape, dtype=dtype))) for name, shape, dtype in spec))
     n = int(rc["min-nodes"])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from common.errors import ConfigError
-from common.keys import ATTACKS, CLASS_BALANCING, DP_MODES, MODEL_DEPTHS, STRATEGIES, TRANSPORT_DTYPES
+from common.keys import ATTACKS, CHECKPOINT_RETENTION, CLASS_BALANCING, DP_MODES, MODEL_DEPTHS, STRATEGIES, TRANSPORT_DTYPES
 
 __all__ = ["RunConfig", "load_defaults", "parse_overrides", "PYPROJECT"]
 
@@ -144,6 +144,8 @@ class RunConfig:
     server_manifest: str = key(str, None, "server.csv with the held-out val+test rows")
     out_dir: str = key(str, None, "where checkpoints, rounds.jsonl and the report go")
     resume: bool = key(bool, None, "continue from the last checkpoint in out-dir")
+    keep_checkpoints: str = key(str, _choice(CHECKPOINT_RETENTION), "which round checkpoints stay: all, or "
+                                "selected-and-last (the round validation selects so far, and the last, for resume)")
     seed: int = key(int, _at_least(0), "random seed")
     round_timeout: float = key(float, _at_least(0.0, exclusive=True), "seconds to wait for replies per round")
     poll_interval: float = key(float, _at_least(0.0, exclusive=True),

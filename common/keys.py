@@ -11,7 +11,7 @@ __all__ = [
     "SETUP_SECONDS", "EVAL_SECONDS", "TIMING_KEYS",
     "class_count_key", "CLASS_COUNT_PREFIX", "TRAIN_METRIC_KEYS", "EVAL_PREFIX", "eval_key", "EVAL_METRICS",
     "GLOBAL_ROUND", "VAL_AUC", "VAL_LOSS", "CLASS_NAMES", "NUM_CLASSES", "CLASS_BALANCING", "MODEL_DEPTHS",
-    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "ATTACKS", "TRANSPORT_DTYPES", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX", "NODE_SITE_WORKER", "NODE_SITE_WORKER_IDLE",
+    "PARTITION_SCHEMES", "BASELINE_MODES", "STRATEGIES", "DP_MODES", "ATTACKS", "TRANSPORT_DTYPES", "CHECKPOINT_RETENTION", "PROXIMAL_MU", "UNIT_WEIGHT", "SECAGG_CLIPPING_RANGE", "NODE_DATA_PATH", "NODE_CACHE_DIR", "NODE_SITE_NAME", "NODE_SITE_INDEX", "NODE_SITE_WORKER", "NODE_SITE_WORKER_IDLE",
     "NODE_PARTITION_ID", "NODE_NUM_PARTITIONS",
 ]
 
@@ -33,6 +33,9 @@ ATTACKS = ("none", "scale", "sign-flip")
 # how weights travel: float32 as they are; float16: the server sends its float32 weights rounded to float16, a site
 # sends its update (trained - received) in float16, and the server adds it to its float32 weights
 TRANSPORT_DTYPES = ("float32", "float16")
+# which round checkpoints a run keeps (run-config `keep-checkpoints`): every round's, or only the round the
+# selection rule picks so far (common.runs.rundir.select_round) and the last one (what resume starts from)
+CHECKPOINT_RETENTION = ("all", "selected-and-last")
 
 # Record names inside a Message's RecordDict
 ARRAYS = "arrays"  # ArrayRecord: model state_dict (FedAvg default key)

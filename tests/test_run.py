@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.errors import CheckpointError, DataError
+from common.errors import CheckpointError, ConfigError, DataError
 from common.files import atomic_write_text
 from common.runs.records import REPORT_SCHEMA, ROUNDS_SCHEMA, RoundRecord, RunReport, load_report
 from common.runs.rundir import CHECKPOINT_FORMAT, RunDir, dumps, select_round
@@ -166,6 +166,33 @@ def test_append_read_truncate_rounds(run):
     assert [r.round for r in run.read_rounds()] == [1, 2, 3]
     assert run.truncate_rounds(0) == []
     assert run.read_rounds() == []
+
+
+@pytest.mark.parametrize("losses, kept_after", [
+    # the lowest validation loss so far and the last round stay, whatever came before
+    ([0.9, 0.5, 0.7, 0.4, 0.6], [[1], [2], [2, 3], [4], [4, 5]]),
+    # no validation figure yet (a one-class or empty validation split): nothing to select by, nothing deleted
+    ([None, None, 0.8], [[1], [1, 2], [3]]),
+])
+def test_keep_selected_and_last(run, cfg_dict, losses, kept_after):
+    """keep-checkpoints = selected-and-last (common.runs.rounds): after each round's checkpoint lands, the
+    other rounds' go, except the one select_round picks from the records so far, which finalize then loads."""
+    from common.runs.rounds import _keep_selected_and_last
+
+    for g, loss in enumerate(losses, 1):
+        val = {"loss": loss, "auc": None} if loss is not None else {}
+        run.append_round(RoundRecord.from_dict({"round": g, "val": val}))
+        run.save_checkpoint(g, small_state(g), config=cfg_dict, metrics={"round": g}, model={"depth": 10})
+        _keep_selected_and_last(run, g)
+        assert run.saved_rounds() == kept_after[g - 1]
+    selected = select_round(run.read_rounds())
+    assert selected == min((loss, g) for g, loss in enumerate(losses, 1) if loss is not None)[1]
+    assert RunDir.load_checkpoint(run.checkpoint_path(selected))["round"] == selected  # what finalize loads
+
+
+def test_keep_checkpoints_is_a_choice():
+    with pytest.raises(ConfigError, match="keep-checkpoints.*all.*selected-and-last"):
+        RunConfig.from_mapping({"keep-checkpoints": "best"})
 
 
 def test_read_rounds_skips_blank_lines(run):

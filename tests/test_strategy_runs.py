@@ -43,7 +43,8 @@ def cohort(tmp_path_factory):
 RUNS = {
     "fedprox-client-fixed": ("strategy='fedprox' proximal-mu=0.1 dp='client-fixed' clipping-norm=0.5 noise-multiplier=0.5 "
                              "transport-dtype='float16'", 1),
-    "fedbn-server-fixed": ("strategy='fedbn' dp='server-fixed' clipping-norm=1.0 noise-multiplier=1.0", 2),
+    "fedbn-server-fixed": ("strategy='fedbn' dp='server-fixed' clipping-norm=1.0 noise-multiplier=1.0 "
+                           "keep-checkpoints='selected-and-last'", 2),
     "client-adaptive": ("dp='client-adaptive' clipping-norm=0.5 noise-multiplier=0.5", 1),
     "fedmedian": ("strategy='fedmedian' attack='sign-flip' attack-factor=10.0 attack-site='{attacker}'", 1),
     "fedtrimmedavg": ("strategy='fedtrimmedavg' trim-beta=0.34 transport-dtype='float16' log-message-size=true", 2),
@@ -182,8 +183,12 @@ def test_fedprox_with_client_side_dp_clipping(cohort, runs):
 
 
 def test_fedbn_with_server_side_dp_clipping(cohort, runs):
-    """fedbn + dp=server-fixed, 2 rounds: the server clips and noises; the ledger counts 2 releases."""
+    """fedbn + dp=server-fixed, 2 rounds: the server clips and noises; the ledger counts 2 releases. With
+    keep-checkpoints = selected-and-last only the selected round's checkpoint and the last one stay."""
     text, recs, report, ckpt = runs.get("fedbn-server-fixed")
+    from common.runs.rundir import RunDir
+
+    assert RunDir(runs.out("fedbn-server-fixed")).saved_rounds() == sorted({report["selected_round"], 2})
     assert report["arm"] == "fedbn+dp:server-fixed (random init)"
     assert all(sorted(r["sites"]) == _sites(cohort) for r in recs)
     first = recs[0]["privacy"]

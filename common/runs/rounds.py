@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,7 @@ from common.device import Runtime
 from common.learning.model import model_args
 from common.learning.train import validation_metrics
 from common.runs.records import RoundRecord
-from common.runs.rundir import RunDir
+from common.runs.rundir import RunDir, select_round
 
 __all__ = ["close_round"]
 
@@ -54,4 +55,19 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
     run.save_checkpoint(g, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, config=cfg.to_dict(),
                         metrics=record.to_dict(), model=model_args(cfg),
                         strategy={"name": strategy, "dp": cfg.dp, "round": g, "state": dict(strategy_state or {})})
+    if cfg.keep_checkpoints == "selected-and-last":
+        _keep_selected_and_last(run, g)
     return record
+
+
+def _keep_selected_and_last(run: RunDir, g: int) -> None:
+    """Delete every round checkpoint but round ``g``'s (the last: resume starts there) and the one the selection
+    rule picks from the records so far (finalize tests it). Only after round ``g``'s checkpoint landed, so a
+    crash at any point leaves the checkpoint resume needs and the one selection needs."""
+    with warnings.catch_warnings():  # finalize warns once, with the same words, if it falls back
+        warnings.simplefilter("ignore")
+        try:
+            selected = select_round(run.read_rounds())
+        except ValueError:  # no round has a validation figure yet: nothing to choose by, keep everything
+            return
+    run.keep_only({selected, g})

@@ -132,6 +132,14 @@ class RunDir:
             raise
         return path
 
+    def keep_only(self, rounds: set[int]) -> list[int]:
+        """Delete the round checkpoints of every round not in ``rounds`` (run-config ``keep-checkpoints``);
+        returns the rounds deleted."""
+        gone = [r for r in self.saved_rounds() if r not in rounds]
+        for r in gone:
+            self.checkpoint_path(r).unlink(missing_ok=True)
+        return gone
+
     def saved_rounds(self) -> list[int]:
         """Round numbers with a checkpoint, ascending."""
         rounds = []

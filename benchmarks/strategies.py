@@ -113,7 +113,8 @@ def run(arm: str, scheme: str, seed: int, out: Path, cohort: str = "mni") -> dic
     audit.unlink(missing_ok=True)
     if run_dir.exists():  # a run of this arm the store does not hold (interrupted, or the store was reset): start over
         shutil.rmtree(run_dir)
-    rc = f"{DEMO_RUN_CONFIG} num-server-rounds={ROUNDS} seed={seed} {ARMS[arm]}"
+    # keep-checkpoints: an arm needs only its selected round's checkpoint (report, model.pt); 8 x 57 MB per run otherwise
+    rc = f"{DEMO_RUN_CONFIG} num-server-rounds={ROUNDS} seed={seed} keep-checkpoints='selected-and-last' {ARMS[arm]}"
     cmds.append(f"FEDPD_AUDIT_LOG={audit} {FEDPD} simulate --partition {part} --out {run_dir} --run-config {shlex.quote(rc)}")
     start = time.perf_counter()
     for cmd in cmds:

@@ -58,18 +58,30 @@ class Federation:
         return node_id
 
     def reply_later(self, node_ids: list[int], delay: float) -> threading.Thread:
-        """After ``delay`` s, each of ``node_ids`` pulls its instruction and stores a reply whose metric is
-        twice the instruction's ``x`` (vce_api's add_messages_to_queue / worker / put_message_into_state)."""
+        """After ``delay`` s, each of ``node_ids`` pulls its instruction (waiting until the Grid has pushed it)
+        and stores a reply whose metric is twice the instruction's ``x`` (vce_api's add_messages_to_queue /
+        worker / put_message_into_state). ``self.replied`` lists the nodes that did, in order."""
+        self.replied: list[int] = []
+
+        def pull(node_id: int) -> Message:
+            deadline = time.monotonic() + 30.0  # the push comes from the test's thread, whenever it is scheduled
+            while time.monotonic() < deadline:
+                found = self.state.get_message_ins(node_id=node_id, limit=1)
+                if found:
+                    return found[0]
+                time.sleep(0.01)
+            raise AssertionError(f"node {node_id} never received an instruction")
 
         def play() -> None:
             time.sleep(delay)
             for node_id in node_ids:
-                (ins,) = self.state.get_message_ins(node_id=node_id, limit=1)
+                ins = pull(node_id)
                 x = ins.content.config_records["config"]["x"]
                 reply = Message(RecordDict({"metrics": MetricRecord({"y": 2.0 * x, "node": node_id})}),
                                 reply_to=ins)
                 reply.metadata.__dict__["_message_id"] = str(uuid4())  # as vce_api's worker does
                 assert self.state.store_message_res(reply) is not None
+                self.replied.append(node_id)
 
         thread = threading.Thread(target=play, daemon=True)
         thread.start()
@@ -94,7 +106,7 @@ def test_replies_from_every_node_come_back(federation):
     sent = {node_id: instruction(node_id, x=1.5 + i) for i, node_id in enumerate(federation.node_ids)}
     player = federation.reply_later(federation.node_ids, delay=0.2)
     replies = list(grid.send_and_receive(sent.values(), timeout=5.0))
-    player.join(timeout=1.0)
+    player.join(timeout=5.0)
 
     assert len(replies) == 2
     by_id = {msg.metadata.message_id: (node_id, msg) for node_id, msg in sent.items()}
@@ -113,12 +125,15 @@ def test_timeout_returns_the_replies_that_came(federation):
     answering, silent = federation.node_ids
     player = federation.reply_later([answering], delay=0.0)
     start = time.monotonic()
-    replies = list(grid.send_and_receive([instruction(answering, 1.0), instruction(silent, 2.0)], timeout=0.3))
+    replies = list(grid.send_and_receive([instruction(answering, 1.0), instruction(silent, 2.0)], timeout=1.0))
     elapsed = time.monotonic() - start
-    player.join(timeout=1.0)
+    player.join(timeout=5.0)
 
+    # The answering node replies as soon as its instruction is pushed; a loaded machine (CI runs tests in two
+    # processes on 2 cores) may delay that thread, so it is given the whole second, and it must have replied
+    assert federation.replied == [answering], "the answering node's thread did not reply within the timeout"
     assert [r.metadata.src_node_id for r in replies] == [answering]
-    assert 0.3 <= elapsed < 2.0  # waited for the silent node until the timeout, not for a 3-s tick
+    assert 1.0 <= elapsed < 2.5  # waited for the silent node until the timeout, not for a 3-s tick
 
 
 def test_timeout_with_no_reply_at_all_is_empty(federation):

@@ -336,3 +336,29 @@ def test_a_scan_gives_the_same_transform_every_time(cohort):
     assert runs[0].transform.GetParameters() == runs[1].transform.GetParameters()
     assert runs[0].metrics == runs[1].metrics
     assert np.array_equal(sitk.GetArrayViewFromImage(runs[0].image), sitk.GetArrayViewFromImage(runs[1].image))
+
+
+def test_brain_in_fov_is_a_share_and_repeats():
+    """``brain_in_fov`` is the share of the template's brain inside the scan's field of view: exactly 1 for a scan
+    covering the template grid, strictly between 0 and 1 for one half as wide, the same on every call. ``qc_metrics``
+    once read the resampled field of view through a numpy view of a temporary SimpleITK image, freed as soon as
+    the view was made, and gave 1.0044 against 1.0 for the same scan in two builds of one cohort. This test did
+    not reproduce that read of freed memory outside the pipeline (it passed on the old code); it pins the
+    contract the fix restores, with other images made and dropped between calls."""
+    from common.preprocessing.registration import qc_metrics
+
+    template = load_template(MM)
+    head = sitk.Image(template.t1.GetSize(), sitk.sitkFloat32)
+    head.CopyInformation(template.t1)
+    half = sitk.Image([s // 2 or 1 for s in template.t1.GetSize()], sitk.sitkFloat32)  # a field of view half as wide
+    half.SetOrigin(template.t1.GetOrigin())
+    half.SetSpacing(template.t1.GetSpacing())
+    half.SetDirection(template.t1.GetDirection())
+    shares = {"whole": [], "half": []}
+    for _ in range(20):
+        for name, fov in (("whole", head), ("half", half)):
+            churn = [sitk.Image([40, 40, 40], sitk.sitkUInt8) + 7 for _ in range(3)]
+            shares[name].append(qc_metrics(template.t1, fov, sitk.AffineTransform(3), template)["brain_in_fov"])
+            del churn
+    assert set(shares["whole"]) == {1.0}, shares["whole"]
+    assert len(set(shares["half"])) == 1 and 0.0 < shares["half"][0] < 1.0, shares["half"]

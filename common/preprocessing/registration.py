@@ -225,7 +225,9 @@ def qc_metrics(registered: sitk.Image, image: sitk.Image, transform: sitk.Transf
     corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 else 0.0
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
-    inside = sitk.GetArrayViewFromImage(sitk.Resample(ones, template.t1, transform, sitk.sitkNearestNeighbor, 0))
+    # A copy, not GetArrayViewFromImage: a view does not keep the temporary resampled image alive, so it read freed
+    # memory (brain_in_fov came out as 1.0044 against 1.0 for the same scan in two builds of one cohort)
+    inside = sitk.GetArrayFromImage(sitk.Resample(ones, template.t1, transform, sitk.sitkNearestNeighbor, 0))
     matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)
     return {"correlation": round(corr if np.isfinite(corr) else 0.0, 4),
             "brain_in_fov": round(float(inside[brain].mean()), 4),

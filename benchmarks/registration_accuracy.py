@@ -60,7 +60,8 @@ def _errors(found: sitk.Transform, true: sitk.Transform, points_lps: np.ndarray)
 def _dice(mask: sitk.Image, found: sitk.Transform, true: sitk.Transform) -> float:
     both = sitk.CompositeTransform(found.GetInverse())
     both.AddTransform(true)  # applied first: template -> scan (truth), then scan -> template (found^-1)
-    moved = sitk.GetArrayFromImage(sitk.Resample(mask, mask, both, sitk.sitkNearestNeighbor, 0)) > 0  # a copy: a view would outlive the image
+    # a copy: a view (GetArrayViewFromImage) of the temporary resampled image would outlive it
+    moved = sitk.GetArrayFromImage(sitk.Resample(mask, mask, both, sitk.sitkNearestNeighbor, 0)) > 0
     ref = sitk.GetArrayViewFromImage(mask) > 0
     return float(2 * (moved & ref).sum() / (moved.sum() + ref.sum()))
 

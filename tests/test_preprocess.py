@@ -340,8 +340,8 @@ def test_a_scan_gives_the_same_transform_every_time(cohort):
 
 def test_brain_in_fov_is_a_share_and_repeats():
     """``brain_in_fov`` is the share of the template's brain inside the scan's field of view: exactly 1 for a scan
-    covering the template grid, strictly between 0 and 1 for one half as long on each axis, the same on every call. ``qc_metrics``
-    once read the resampled field of view through a numpy view of a temporary SimpleITK image, freed as soon as
+    covering the template grid, strictly between 0 and 1 for one half as long on each axis, the same on every
+    call. ``qc_metrics`` once read the resampled field of view through a numpy view of a temporary SimpleITK image, freed as soon as
     the view was made, and gave 1.0044 against 1.0 for the same scan in two builds of one cohort. This test did
     not reproduce that read of freed memory outside the pipeline (it passed on the old code); it pins the
     contract the fix restores, with other images made and dropped between calls."""

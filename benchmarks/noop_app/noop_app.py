@@ -1,8 +1,14 @@
 """A Flower app that does nothing but Flower's part of a round: the floor of benchmarks/round_overhead.py.
 
-The ServerApp sends an ArrayRecord of fedpd's exchanged shapes (zeros) to every node in a train and an
-evaluate message per round, with Flower's FedAvg; the ClientApp answers the train message with the arrays
-it got and the evaluate message with a count. Each round's start (``configure_train``) and end (after the
+The ServerApp sends an ArrayRecord of fedpd's exchanged shapes to every node in a train and an evaluate
+message per round, with Flower's FedAvg; the ClientApp answers the train message with arrays of the same
+shapes and the evaluate message with a count.
+
+The arrays carry random numbers, and a train reply's differ from the ones received (each number + 1), so every
+message carries new content, as a model's weights do. Flower 1.42 splits each array into 5-MB chunks and
+sends a chunk only once per content hash (``flwr/app/message/array.py``): arrays of zeros, or a reply that
+returns the arrays it got, would travel as a few distinct chunks, and the floor would leave out the cost of
+moving a real model. Each round's start (``configure_train``) and end (after the
 evaluate replies) go to the run-config's ``out`` JSON file, as fedpd's ``rounds.jsonl`` times its rounds,
 with the slowest ClientApp process's age when its handler ran (``startup-seconds``, as fedpd's sites report it):
 Flower's own start-up of a message, which fedpd's per-message start-up is compared against. The ServerApp
@@ -39,6 +45,20 @@ def _age() -> float:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
+def initial_arrays(spec: list, seed: int = 0) -> ArrayRecord:
+    """The arrays of ``spec`` (``[name, shape, dtype]`` each), filled with random numbers in [0, 1)."""
+    rng = np.random.default_rng(seed)
+    return ArrayRecord(OrderedDict((name, Array(np.asarray(rng.random(shape, dtype=np.float32), dtype=dtype)))
+                                   for name, shape, dtype in spec))
+
+
+def _changed(array: np.ndarray) -> np.ndarray:
+    """A copy with every number + 1: new content, as training makes (an ndarray also for 0-d arrays)."""
+    out = np.array(array, copy=True)
+    out += 1
+    return out
+
+
 class _Timed(FedAvg):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -68,8 +88,7 @@ class _Timed(FedAvg):
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     grid = PollingGrid(grid, float(rc["poll-interval"]))  # fedpd's ServerApp does the same (server/grid.py)
-    spec = json.loads(Path(str(rc["shapes"])).read_text())
-    arrays = ArrayRecord(OrderedDict((name, Array(np.zeros(shape, dtype=dtype))) for name, shape, dtype in spec))
+    arrays = initial_arrays(json.loads(Path(str(rc["shapes"])).read_text()))
     n = int(rc["min-nodes"])
     strategy = _Timed(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n,
                       min_available_nodes=n)
@@ -89,7 +108,8 @@ def main(grid: Grid, context: Context) -> None:
 @client.train()
 def train(msg: Message, context: Context) -> Message:
     age = _age()
-    content = RecordDict({"arrays": msg.content["arrays"],
+    trained = OrderedDict((k, Array(_changed(a.numpy()))) for k, a in msg.content["arrays"].items())
+    content = RecordDict({"arrays": ArrayRecord(trained),
                           "metrics": MetricRecord({"num-examples": 1, "startup-seconds": age})})
     return Message(content, reply_to=msg)
 

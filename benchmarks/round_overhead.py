@@ -13,12 +13,15 @@ Three measurements, one invocation each:
              actors' start-up (round 1), and the remainder (serialisation, Flower's message passing,
              aggregation, screening, the checkpoint). Target: <= 5 % of the round.
 ``deploy``   A real deployment on loopback (a SuperLink, one SuperNode per site), in the same invocation: first
-             a no-op Flower app (``benchmarks/noop_app``: model-sized arrays through train and evaluate
-             messages, nothing else) for Flower's floor per round, then fedpd for as many rounds. Overhead
-             above the floor = fedpd's round - the no-op round - (the slowest site's training loop + the
-             slowest site's validation loop + the server's validation): sites train side by side here. Each
-             message's ``startup-seconds`` (process start to the handler: interpreter, Flower, imports) and
-             ``setup-seconds`` show where it goes. Target: <= 2 s.
+             a no-op Flower app (``benchmarks/noop_app``: model-sized arrays of random numbers, new in
+             every reply, through train and evaluate messages, nothing else) for Flower's floor per round,
+             then fedpd for as many rounds. Overhead above the floor = fedpd's round - the no-op round -
+             (the slowest site's training loop + the slowest site's validation loop + the server's
+             validation). Each message's ``startup-seconds`` (process start to the handler: interpreter,
+             Flower, imports) and ``setup-seconds`` show where it goes. Target: <= 2 s. Sites train side by
+             side while the others' messages still travel, so with several sites a round can come out below
+             the floor (negative): one round's figure resolves about +-3 s; quote the median over rounds
+             and repeats.
 
     .venv/bin/python benchmarks/round_overhead.py imports
     .venv/bin/python benchmarks/round_overhead.py sim --rounds 3                # 3 sites, 64^3

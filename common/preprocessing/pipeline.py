@@ -77,7 +77,7 @@ log = logging.getLogger("fedpd.preprocess")
 
 __all__ = ["PREPROCESS_VERSION", "DEFAULT_TEMPLATE_MM", "DEFAULT_QC_THRESHOLD", "Template", "ScanResult",
            "load_template", "nifti_to_sitk", "head_mask", "n4_correct", "register_to_template", "qc_metrics",
-           "preprocess_scan", "preprocess_manifest", "default_workers"]
+           "preprocess_scan", "preprocess_manifest", "default_workers", "qc_verdict"]
 
 PREPROCESS_VERSION = 1        # bump when a step changes: invalidates every cached scan
 DEFAULT_QC_THRESHOLD = 0.7    # min correlation with the template in the brain mask (module docstring)
@@ -271,13 +271,22 @@ def _execute(jobs: list[dict], workers: int, progress: bool):
         bar.close()
 
 
+def qc_verdict(metrics: dict, qc_threshold: float = None) -> str:
+    """Why a registered scan fails QC ("" when it passes), from its :func:`qc_metrics` figures."""
+    qc_threshold = DEFAULT_QC_THRESHOLD if qc_threshold is None else qc_threshold
+    corr = metrics["correlation"]
+    if corr < qc_threshold:
+        return (f"correlation with the template {corr:.3f} < qc_threshold {qc_threshold}: misregistered "
+                "or not a T1 head scan")
+    return ""
+
+
 def _status(record: dict, qc_threshold: float) -> tuple[str, str]:
     if not record["registered"]:
         return "excluded", record["reason"]
-    corr = record["metrics"]["correlation"]
-    if corr < qc_threshold:
-        return "excluded", (f"correlation with the template {corr:.3f} < qc_threshold {qc_threshold}: misregistered "
-                            f"or not a T1 head scan; look at qc/{record['image_id']}.png")
+    reason = qc_verdict(record["metrics"], qc_threshold)
+    if reason:
+        return "excluded", f"{reason}; look at qc/{record['image_id']}.png"
     return "ok", ""
 
 

@@ -85,7 +85,8 @@ def _predict(a):
 
     from common.inference.predict import format_result, predict_scan
 
-    result = predict_scan(a.checkpoint, a.scan, saliency_png=a.saliency, background=a.background)
+    result = predict_scan(a.checkpoint, a.scan, saliency_png=a.saliency, background=a.background,
+                          preprocessed=a.preprocessed)
     print(json.dumps(result, indent=2) if a.json else format_result(result))
 
 
@@ -167,13 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="PD probability of one scan from a trained run (research use only)")
     s.add_argument("checkpoint", type=Path, help="a run's model.pt (or checkpoints/round-<k>.pt)")
-    s.add_argument("scan", type=Path, help="one 3D T1 NIfTI file")
+    s.add_argument("scan", type=Path, help="one 3D T1 NIfTI file, raw (scanner space): it is prepared as the run's "
+                                          "scans were (for a run on fedpd preprocess output: N4, registration to "
+                                          "MNI152, brain mask, QC at the run's settings; refused if it fails)")
+    s.add_argument("--preprocessed", action="store_true",
+                   help="the scan is already prepared as the run's scans were (e.g. fedpd preprocess output, in "
+                        "template space): use it as given; needed for a checkpoint that records no preparation")
     s.add_argument("--saliency", type=Path, default=None, metavar="OUT.png",
                    help="write a Grad-CAM overlay here: a new .png file (missing folders are created) or one an "
                         "earlier fedpd predict wrote; the scan, the checkpoint and any other existing file are "
                         "refused, never overwritten")
     s.add_argument("--background", choices=("auto", "template", "scan"), default="auto",
-                   help="overlay background: MNI152 template, the scan, or auto (template for phantom models)")
+                   help="overlay background: MNI152 template, the scan as the model saw it (registered, for a run "
+                        "on preprocessed scans), or auto (template for phantom models)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_predict)
 

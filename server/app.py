@@ -59,7 +59,7 @@ def _round_record(setup: ServerSetup, strategy: RecordingStrategy, g: int, array
         # a site that fails before it ever answered is known by node id only; name it once a later reply did
         failures=[f | {"site": strategy.node_sites.get(f.get("node"), f["site"])} for f in strategy.failed.get(g, [])],
         rejected=strategy.rejected.get(g, []), site_qc=strategy.site_qc.get(g), privacy=privacy,
-        strategy_state=strategy_state(strategy), received_bytes=strategy.received.get(g))
+        strategy_state=strategy_state(strategy), received_bytes=strategy.received.get(g), preparation=setup.preparation)
     metrics = record.val
     log(INFO, "round %d: val AUC %.3f, val loss %.4f, checkpoint %s", g, metrics["auc"], metrics["loss"],
         setup.run.checkpoint_path(g))
@@ -231,7 +231,7 @@ def main(grid: Grid, context: Context) -> None:
                                  "participation": _participation(records),
                                  **({"holdout_site": setup.data_info["holdout_site"]} if "holdout_site" in setup.data_info else {}),
                                  **_privacy(records)},
-                          arm=arm_name(cfg), render=render_report)
+                          arm=arm_name(cfg), render=render_report, preparation=setup.preparation)
     auc = report.test["auc"]
     ci = auc.get("ci95") or (float("nan"), float("nan"))
     log(INFO, "fedpd report: %s | test AUC %.3f (95%% CI %.3f-%.3f)", setup.run.report_file, auc["value"], *ci)

@@ -17,6 +17,7 @@ from common.config import RunConfig
 from common.device import Runtime
 from common.errors import ConfigError, DataError
 from common.learning.model import make_model, model_from_checkpoint
+from common.preprocessing.provenance import scan_preparation
 from common.runs.preflight import check_run_dir
 from common.runs.rundir import RunDir
 
@@ -47,6 +48,7 @@ class ServerSetup:
     model: torch.nn.Module  # initial weights; reused (weights replaced) for every round's validation
     data_info: dict = field(default_factory=dict)
     strategy_state: dict = field(default_factory=dict)  # resume: the strategy's state saved with the checkpoint
+    preparation: dict | None = None  # how the server's scans were prepared (common.preprocessing.provenance)
 
 
 def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
@@ -68,6 +70,10 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
     scan_problems = check_scans(rows, cache_file=out / "cache" / "server" / "scan-check.json")
     if scan_problems:
         raise DataError(f"{manifest_path}: " + format_problems(scan_problems, total=len(rows)))
+    try:  # recorded in every checkpoint, model.pt and report.json: fedpd predict prepares a new scan the same way
+        preparation = scan_preparation(rows["path"])
+    except DataError as exc:
+        raise DataError(f"{manifest_path}: {exc}") from exc
     saved = run.saved_rounds()
     start_round = 0
     strategy_state: dict = {}
@@ -107,4 +113,4 @@ def prepare(cfg: RunConfig, rt: Runtime) -> ServerSetup:
                 data_info["holdout_site"] = data_info["partition"]["holdout_site"]
     return ServerSetup(cfg=cfg, rt=rt, run=run, val_rows=val_rows, test_rows=test_rows,
                        cache_dir=out / "cache" / "server", start_round=start_round,
-                       model=model, data_info=data_info, strategy_state=strategy_state)
+                       model=model, data_info=data_info, strategy_state=strategy_state, preparation=preparation)

@@ -34,6 +34,7 @@ from common.device import Runtime, runtime
 from common.errors import ConfigError, DataError
 from common.learning.model import make_model
 from common.learning.train import train_loader, train_local
+from common.preprocessing.provenance import scan_preparation
 from common.report.render import render_report
 from common.runs.finalize import finalize_run
 from common.runs.preflight import preflight_partition
@@ -70,8 +71,9 @@ def _config(run_config: str, out: Path, partition: Path) -> RunConfig:
 
 
 def _train_arm(arm: str, train_rows: pd.DataFrame, server: pd.DataFrame, cfg: RunConfig, out: Path, rt: Runtime,
-               data_info: dict) -> dict:
-    """Rounds of ``train_local`` on ``train_rows``, each validated and checkpointed like a federated round."""
+               data_info: dict, preparation: dict) -> dict:
+    """Rounds of ``train_local`` on ``train_rows``, each validated and checkpointed like a federated round;
+    ``preparation`` (how the server's scans were prepared) goes into every checkpoint, model.pt and report.json."""
     run = RunDir(out).prepare()
     if run.saved_rounds() or run.rounds_file.exists():
         raise ConfigError(f"{out} already holds a run; choose a new --out (baselines do not resume)")
@@ -93,13 +95,13 @@ def _train_arm(arm: str, train_rows: pd.DataFrame, server: pd.DataFrame, cfg: Ru
         site = {keys.NUM_EXAMPLES: res.num_examples, keys.TRAIN_LOSS: res.loss,
                 keys.class_count_key(0): int(counts.get(0, 0)), keys.class_count_key(1): int(counts.get(1, 0))}
         record = close_round(run, model, r, cfg=cfg, rt=rt, val_rows=val_rows, cache_dir=server_cache, started=start,
-                             strategy=arm, sites={arm: site})
+                             strategy=arm, sites={arm: site}, preparation=preparation)
         log.info(f"baseline {arm}: round {r}/{cfg.num_server_rounds}: train loss {res.loss:.4f}, "
                  f"val AUC {record.val['auc']:.3f}, {record.wall_seconds:.0f}s")
     info = data_info | {"site_train_counts": {arm: {"control": int(counts.get(0, 0)), "pd": int(counts.get(1, 0)),
                                                     "num_examples": len(train_rows)}}}
     return finalize_run(run, cfg, rt, val_rows, test_rows, server_cache, extra={"data": info}, arm=arm,
-                        render=render_report)
+                        render=render_report, preparation=preparation)
 
 
 def run_baseline(mode: str, partition, out, run_config: str = "", echo: bool = True) -> dict:
@@ -127,18 +129,22 @@ def run_baseline(mode: str, partition, out, run_config: str = "", echo: bool = T
 
         report = simulate(partition, None, out, run_config=f"{run_config} pretrained-path=''", echo=echo)
         return {report.arm: report}
+    try:  # as the ServerApp does (server.setup.prepare): how the server's scans were prepared, for fedpd predict
+        preparation = scan_preparation(server["path"])
+    except DataError as exc:
+        raise DataError(f"{partition / 'server.csv'}: {exc}") from exc
     rt = runtime(cfg.amp)
     data_info = {"server_split_audit": split_audit(server), "partition": info, "baseline": mode,
                  "unsafe_scan_split": split_audit(server)["unsafe_split_by_scan"]}
     if mode == "centralized":
         rows = pd.concat([r[r["split"] == "train"] for r in sites.values()], ignore_index=True)
-        return {"centralized": _train_arm("centralized", rows, server, cfg, out, rt, data_info)}
+        return {"centralized": _train_arm("centralized", rows, server, cfg, out, rt, data_info, preparation)}
     reports = {}
     for name, rows in sites.items():
         arm = f"local:{name}"
         site_cfg = cfg.replace(out_dir=str(out / name))
         reports[arm] = _train_arm(arm, rows[rows["split"] == "train"].reset_index(drop=True), server, site_cfg,
-                                  out / name, rt, data_info)
+                                  out / name, rt, data_info, preparation)
     return reports
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from common.cohort.manifest import read_manifest, validate_manifest
 from common.cohort.splits import partition_manifest, split_audit, split_manifest
@@ -91,6 +92,11 @@ def test_centralized_and_local_arms_share_the_test_split(partition, tmp_path):
         assert all("ci95" in v for v in report.test.values())
         rounds = [json.loads(x) for x in (folder / "rounds.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rounds] == [1] and (folder / "model.pt").is_file()
+        # how the server's scans were prepared (plain scans, no preprocess.json beside them): report and model agree
+        folders = sorted({str(Path(p).parent) for p in server["path"]})
+        assert report.preparation == {"method": "none", "folders": folders}
+        assert torch.load(folder / "model.pt", weights_only=True)["preparation"] == report.preparation
+        assert torch.load(folder / "checkpoints" / "round-1.pt", weights_only=True)["preparation"] == report.preparation
         assert rounds[0]["val"]["seconds"] > 0  # the validation's time, as in a federated round
         n_train = rounds[0]["num_examples"]
         if arm == "centralized":

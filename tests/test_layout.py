@@ -64,7 +64,7 @@ LAYERS = {
     "preprocessing": {"learning", "cohort"},
     "runs": {"learning", "cohort"},
     "report": {"learning", "runs"},
-    "inference": {"learning", "cohort", "runs"},
+    "inference": {"learning", "cohort", "runs", "preprocessing"},
 }
 TOP_OF_COMMON = {"cli"}  # the command line: may use every layer (and never simulation: entry points)
 

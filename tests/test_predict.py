@@ -1,7 +1,9 @@
 """``fedpd predict`` (``common/inference/predict.py`` and its CLI): probability, threshold provenance, bad inputs.
 
 A real (tiny-input) Med3D is saved the way the server saves it: ``RunDir.save_checkpoint`` for
-``checkpoints/round-<k>.pt``, plus ``threshold``/``selected_round``/``source`` for ``model.pt``.
+``checkpoints/round-<k>.pt``, plus ``threshold``/``selected_round``/``source`` for ``model.pt``. The run's
+scans are recorded as not preprocessed by fedpd (``preparation`` ``none``: the scan is used as given) unless
+a test says otherwise; tests/test_predict_raw.py covers runs on ``fedpd preprocess`` output.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ MODEL_ARGS = {"depth": 10, "num_classes": 2, "dropout": 0.2}
 CFG = RunConfig.from_mapping({"input-shape": "24,24,24", "spacing": "2.0,2.0,2.0", "model-depth": 10, "dropout": 0.2,
                               "out-dir": "/tmp/unused"}).to_dict()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+AS_GIVEN = {"method": "none", "folders": ["/data/mni-phantom"]}  # how the test runs' scans were prepared
 
 
 def head_scan(path: Path, shape=(20, 22, 18), voxel=2.5, seed=0) -> Path:
@@ -43,11 +46,12 @@ def head_scan(path: Path, shape=(20, 22, 18), voxel=2.5, seed=0) -> Path:
 
 
 def write_checkpoint(root: Path, model: torch.nn.Module, round_: int = 3, config: dict | None = None,
-                     model_args: dict | None = None) -> Path:
+                     model_args: dict | None = None, preparation: dict | None = AS_GIVEN) -> Path:
     run = RunDir(root).prepare()
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     return run.save_checkpoint(round_, state, config=config or CFG, metrics={"round": round_},
-                               model=model_args or MODEL_ARGS, strategy={"name": "fedavg", "round": round_})
+                               model=model_args or MODEL_ARGS, strategy={"name": "fedavg", "round": round_},
+                               preparation=preparation)
 
 
 def write_model_pt(root: Path, round_ckpt: Path, **extra) -> Path:

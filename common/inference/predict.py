@@ -3,9 +3,27 @@
 The checkpoint is either a run's ``model.pt`` (the selected round, written when the run finishes, with
 its validated ``threshold``, ``selected_round`` and data ``source``) or a ``checkpoints/round-<k>.pt``.
 For a round checkpoint the threshold comes from the run's ``report.json`` (two folders up) when there is
-one, else 0.5, and the output says that no validated threshold was stored. The scan goes through the
-very pipeline the model was trained with (input-shape and spacing from the checkpoint's run-config), so
-the same bad-scan errors apply (:class:`~common.errors.DataError`, exit code 2 on the command line).
+one, else 0.5, and the output says that no validated threshold was stored.
+
+The scan is first prepared as the run's scans were, by the checkpoint's ``preparation`` record
+(:mod:`common.preprocessing.provenance`):
+
+- ``fedpd-preprocess``: the site preprocessing at the recorded settings (N4, affine registration to the
+  MNI152 template at ``template_mm``, brain mask: :func:`common.preprocessing.pipeline.preprocess_scan`, one
+  SimpleITK thread as in ``fedpd preprocess``), then its QC at the recorded ``qc_threshold``
+  (:func:`common.preprocessing.pipeline.qc_verdict`); a scan that fails either is refused
+  (:class:`~common.errors.DataError`, exit code 2, with the reason). The registered, masked volume is written
+  to a temporary NIfTI on the template grid and goes on from there. ``preprocessed=True`` (``--preprocessed``)
+  takes a scan already in template space (``fedpd preprocess`` output) as it is.
+- ``none``: the run's scans were used as given (the MNI-space phantom, scans a user prepared): so is this
+  one, and the notes say so.
+- no record (a checkpoint from fedpd before the record existed): unknown. A raw scan is refused, since a
+  model trained on registered, skull-stripped scans gives meaningless answers on a raw head and nothing
+  in the checkpoint says which it was; ``--preprocessed`` states that the scan is prepared as the training
+  scans were, and it is used as given, with a note.
+
+Then the very pipeline the model was trained with (input-shape and spacing from the checkpoint's
+run-config), so the same bad-scan errors apply (:class:`~common.errors.DataError`).
 
 Before any work, the inputs are checked: the saliency path (:func:`check_saliency_path`: never the scan,
 the checkpoint or any existing file that is not an earlier fedpd overlay; a missing folder is created, a
@@ -32,6 +50,7 @@ from common.files import same_file
 from common.keys import CLASS_NAMES
 from common.learning.model import model_from_checkpoint, nonfinite_tensors
 from common.learning.saliency import FEATURE_STRIDE, PNG_SOFTWARE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
+from common.preprocessing.provenance import FEDPD_PREPROCESS, NONE, describe_preparation
 from common.runs.records import RunReport, load_report
 from common.runs.rundir import RunDir
 
@@ -58,6 +77,7 @@ class Predictor:
     round: int | None
     selected_round: int | None
     notes: tuple[str, ...]
+    preparation: dict | None = None  # how the run's scans were prepared (provenance record); None: unknown
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -220,21 +240,43 @@ def load_predictor(checkpoint: str | Path) -> Predictor:
     return Predictor(model=model.eval(), cfg=cfg, checkpoint=path, threshold=threshold,
                      threshold_source=threshold_source, source=source,
                      round=int(ckpt["round"]) if ckpt.get("round") is not None else None,
-                     selected_round=int(selected) if selected is not None else None, notes=tuple(notes))
+                     selected_round=int(selected) if selected is not None else None, notes=tuple(notes),
+                     preparation=_preparation(ckpt.get("preparation"), path))
+
+
+def _preparation(record, path: Path) -> dict | None:
+    """The checkpoint's ``preparation`` record, checked (``None``: the checkpoint has none)."""
+    if record is None:
+        return None
+    ok = isinstance(record, dict) and record.get("method") in (NONE, FEDPD_PREPROCESS)
+    if ok and record["method"] == FEDPD_PREPROCESS:
+        s = record.get("settings")
+        ok = (isinstance(s, dict) and isinstance(s.get("template_mm"), int) and isinstance(s.get("n4"), bool)
+              and isinstance(s.get("qc_threshold"), (int, float)) and not isinstance(s.get("qc_threshold"), bool)
+              and "pipeline_version" in s)
+    if not ok:
+        raise CheckpointError(f"{path}: its 'preparation' record ({record!r:.200}) is not one this fedpd reads, so the "
+                              "scan cannot be prepared as the training scans were; predict with the fedpd version "
+                              "that trained it")
+    return record
 
 
 def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | Path | None = None, *,
-                 background: str = "auto", rt: Runtime | None = None) -> dict:
+                 background: str = "auto", rt: Runtime | None = None, preprocessed: bool = False) -> dict:
     """PD probability of ``scan`` under ``checkpoint``, the decision at its threshold, and a saliency figure.
 
     Args:
         checkpoint: a run's ``model.pt`` or ``checkpoints/round-<k>.pt``.
-        scan: one 3D T1 NIfTI file.
+        scan: one 3D T1 NIfTI file: raw (scanner space; prepared here as the run's scans were, see the module
+            docstring), or already prepared with ``preprocessed=True``.
         saliency_png: where to write the Grad-CAM overlay (:mod:`common.learning.saliency`); ``None`` for none.
             The map explains the decided class (evidence for PD when the decision is PD, else control).
-        background: ``template`` (MNI152), ``scan`` (the preprocessed scan) or ``auto``: the template for
-            phantom models (generated in MNI space), the scan otherwise (real scans are not registered).
+        background: ``template`` (MNI152), ``scan`` (the scan as the model saw it: for a run of preprocessed
+            scans, the registered, masked scan in template space) or ``auto``: the template for phantom
+            models, the scan otherwise.
         rt: compute device; default :func:`common.device.runtime` without AMP (float32).
+        preprocessed: the scan is already prepared as the run's scans were (for a ``fedpd-preprocess`` run:
+            ``fedpd preprocess`` output, in template space): no preprocessing here.
 
     Returns:
         A JSON-ready dict: ``scan, checkpoint, probability, threshold, threshold_source, decision``
@@ -245,8 +287,9 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
     Raises:
         CheckpointError: a bad checkpoint (see :func:`load_predictor`).
         DataError: the scan is missing, a folder, not NIfTI, 4D, a scout, constant, has NaN/Inf, is empty, ...
-            (names the file); or ``saliency_png`` is refused (see :func:`check_saliency_path`). All are raised
-            before the model runs.
+            (names the file); it fails the run's preprocessing or its QC; the run records no preparation and
+            ``preprocessed`` is not set; or ``saliency_png`` is refused (see :func:`check_saliency_path`). All
+            are raised before the model runs.
     """
     if background not in ("auto", "template", "scan"):
         raise ValueError(f"background {background!r} must be one of auto, template, scan")
@@ -262,7 +305,13 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
     problem = scan_problem(scan_path)  # the one scan check: a scout or a constant image is no whole-head T1
     if problem:
         raise DataError(f"{scan_path}: {problem}")
-    image = preprocess_scan(scan_path, pred.cfg.input_shape, pred.cfg.spacing)
+    notes = list(pred.notes)
+    with tempfile.TemporaryDirectory(prefix="fedpd-predict-") as tmp:
+        model_input, preparation = _prepare(pred, scan_path, preprocessed, Path(tmp), notes)
+        image = preprocess_scan(model_input, pred.cfg.input_shape, pred.cfg.spacing)
+    registered = preparation["applied"] == "fedpd preprocess" or (
+        preparation["applied"] == "given" and pred.preparation is not None
+        and pred.preparation["method"] == FEDPD_PREPROCESS)
     rt = rt or runtime(amp=False)
     x = rt.inputs(image.as_tensor()[None])
     model = rt.place(pred.model).eval()
@@ -272,7 +321,6 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
         raise CheckpointError(f"{pred.checkpoint}: the model gives a non-finite probability for {scan_path}; "
                               "its weights are probably corrupt (NaN)")
     is_pd = prob >= pred.threshold
-    notes = list(pred.notes)
     if "phantom" in pred.source:
         notes.append(_PHANTOM_NOTE)
     notes.append(_RESEARCH_NOTE)
@@ -289,6 +337,7 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
         "input_shape": list(pred.cfg.input_shape),
         "spacing_mm": list(pred.cfg.spacing),
         "device": rt.describe(),
+        "preparation": preparation,
         "saliency": None,
         "notes": notes,
     }
@@ -301,7 +350,8 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
                    + (_PHANTOM_NOTE if "phantom" in pred.source else _RESEARCH_NOTE))
         title = f"{scan_path.name}: P(PD) = {prob:.3f}, decision {explains} (threshold {pred.threshold:.3f})"
         try:
-            png = overlay_png(image, sal, saliency_png, title=title, background=bg, caption=caption)
+            png = overlay_png(image, sal, saliency_png, title=title, background=bg, caption=caption,
+                              registered=registered)
         except OSError as exc:  # checked before the run, but the disk can fill or the folder vanish meanwhile
             if not _about(exc, Path(saliency_png)):
                 raise
@@ -310,6 +360,114 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
         result["saliency"] = {"png": str(Path(png).absolute()), "method": "Grad-CAM", "layer": TARGET_LAYER,
                               "explains": explains, "background": bg, "empty": not bool(sal.any())}
     return result
+
+
+_UNKNOWN_FIX = ("the checkpoint records no scan preparation (it was written by a fedpd from before runs recorded "
+                "one), so fedpd cannot tell whether its model was trained on raw scans or on fedpd preprocess output "
+                "(N4, registered to MNI152, brain-masked); a model of the one gives meaningless answers on the "
+                "other. If this scan is prepared as the run's training scans were (e.g. the run trained on fedpd "
+                "preprocess output and this is fedpd preprocess output made with the same settings, or both are "
+                "the MNI-space phantom), pass --preprocessed; otherwise prepare it so first")
+
+
+def _prepare(pred: Predictor, scan: Path, preprocessed: bool, tmp: Path, notes: list[str]) -> tuple[Path, dict]:
+    """The file the model pipeline reads for ``scan`` (the scan itself, or its registered copy in ``tmp``) and
+    the result's ``preparation`` entry; appends what the user must know to ``notes``."""
+    record = pred.preparation
+    out = {"record": describe_preparation(record), "applied": "none", "settings": None, "qc": None}
+    if record is None:
+        if not preprocessed:
+            raise DataError(f"{scan}: refused: {_UNKNOWN_FIX}")
+        out["applied"] = "given"
+        notes.append("The run records no scan preparation (older fedpd): the scan was used as given (--preprocessed); "
+                     "the result is meaningful only if it was prepared as the run's training scans were.")
+        return scan, out
+    if record["method"] == NONE:
+        notes.append("The run's scans were not preprocessed by fedpd (its record says none): this scan was used as "
+                     "given, with no registration or brain mask; it must be prepared as the training scans were.")
+        return scan, out
+    settings = record["settings"]
+    out["settings"] = {k: settings.get(k) for k in ("pipeline_version", "template_mm", "n4", "qc_threshold")}
+    if preprocessed:
+        out["applied"] = "given"
+        notes.append(_grid_note(scan, settings))
+        return scan, out
+    path, metrics = _register(scan, settings, tmp, notes)
+    out["applied"], out["qc"] = "fedpd preprocess", metrics
+    return path, out
+
+
+def _grid_note(scan: Path, settings: dict) -> str:
+    """The note for ``--preprocessed`` on a preprocessed run: whether the scan lies on the template grid."""
+    import nibabel as nib
+    import numpy as np
+
+    from common.preprocessing.pipeline import load_template
+
+    template = load_template(int(settings["template_mm"]))
+    img = nib.load(str(scan))
+    on_grid = (tuple(img.shape[:3]) == tuple(template.t1.GetSize())
+               and np.allclose(img.affine, template.affine, atol=1e-3))
+    where = (f"it lies on the template grid (MNI152 at {settings['template_mm']} mm)" if on_grid else
+             f"WARNING: it does NOT lie on the run's template grid (MNI152 at {settings['template_mm']} mm, as fedpd "
+             "preprocess writes it), so it is probably not fedpd preprocess output: without --preprocessed fedpd "
+             "prepares a raw scan itself")
+    how = describe_preparation({"method": FEDPD_PREPROCESS, "settings": settings})
+    return (f"--preprocessed: the scan was used as given, taken to be fedpd preprocess output made with the run's "
+            f"settings ({how}); {where}.")
+
+
+def _register(scan: Path, settings: dict, tmp: Path, notes: list[str]) -> tuple[Path, dict]:
+    """``fedpd preprocess`` on one scan at the run's settings, then its QC: the registered, masked volume as a
+    NIfTI on the template grid in ``tmp``, and the QC figures. Raises DataError when it fails either."""
+    import nibabel as nib
+    import numpy as np
+    import SimpleITK as sitk
+
+    from common.preprocessing import pipeline
+
+    template_mm, n4 = int(settings["template_mm"]), bool(settings["n4"])
+    now = pipeline._settings(template_mm, n4)  # what this fedpd's preprocessing would record
+    differ = sorted(k for k in now if k != "simpleitk" and k in settings and settings[k] != now[k])
+    if differ:
+        raise DataError(f"{scan}: refused: the run's scans were preprocessed with "
+                        f"{', '.join(f'{k}={settings[k]!r}' for k in differ)}, this fedpd's preprocessing has "
+                        f"{', '.join(f'{k}={now[k]!r}' for k in differ)}, so it cannot prepare this scan as they "
+                        "were. Preprocess the scan with the fedpd version that prepared the run's scans (fedpd "
+                        "preprocess) and pass the output with --preprocessed")
+    if str(settings.get("simpleitk", now["simpleitk"])) != now["simpleitk"]:
+        notes.append(f"The run's scans were preprocessed with SimpleITK {settings.get('simpleitk')}, this scan with "
+                     f"{now['simpleitk']}: registrations can differ slightly between versions.")
+    template = pipeline.load_template(template_mm)
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # as fedpd preprocess: results independent of timing
+    try:
+        result = pipeline.preprocess_scan(scan, template, n4=n4)
+    except DataError as exc:  # the reason, without the path
+        raise DataError(f"{scan}: refused by the run's preprocessing: {exc}") from None
+    except RuntimeError as exc:  # SimpleITK raises RuntimeError for ITK exceptions
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line.split("Description:", 1)[1].strip() for line in lines if "Description:" in line),
+                      lines[-1] if lines else type(exc).__name__)
+        raise DataError(f"{scan}: refused: the run's preprocessing (registration to the MNI152 template) failed in "
+                        f"SimpleITK ({detail[:200]}); is this a whole-head T1 scan?") from None
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    reason = pipeline.qc_verdict(result.metrics, float(settings["qc_threshold"]))
+    if reason:
+        raise DataError(f"{scan}: refused: the scan fails the run's preprocessing QC: {reason}. The model's scans "
+                        f"passed this check, so its answer on this one would mean nothing; check the scan (a whole-"
+                        "head 3D T1?). If it is already fedpd preprocess output, pass --preprocessed")
+    data = sitk.GetArrayFromImage(result.image).transpose(2, 1, 0).astype(np.float32)
+    img = nib.Nifti1Image(data, template.affine)  # as fedpd preprocess writes a registered scan
+    img.set_sform(template.affine, code="mni")
+    img.set_qform(template.affine, code="mni")
+    path = tmp / "registered.nii.gz"
+    nib.save(img, str(path))
+    how = describe_preparation({"method": FEDPD_PREPROCESS, "settings": settings})
+    notes.append(f"The scan was prepared as the run's scans were ({how}); QC correlation with the template "
+                 f"{result.metrics['correlation']:.3f}.")
+    return path, {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in result.metrics.items()}
 
 
 def _about(exc: OSError, out: Path) -> bool:
@@ -334,6 +492,11 @@ def format_result(result: dict) -> str:
         f"decision:       {result['decision']} (probability {'>=' if result['decision'] == 'PD' else '<'} "
         f"threshold {result['threshold']:.4f}, {where})",
     ]
+    prep = result.get("preparation")
+    if prep:
+        done = {"fedpd preprocess": "N4, registered to MNI152, brain mask, QC passed",
+                "given": "used as given (--preprocessed)", "none": "used as given"}[prep["applied"]]
+        lines.append(f"preparation:    {done}; the run's scans: {prep['record']}")
     sal = result.get("saliency")
     if sal:
         empty = " (empty: no positive evidence found)" if sal.get("empty") else ""

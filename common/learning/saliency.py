@@ -52,7 +52,7 @@ from common.files import atomic_write_bytes
 from common.learning.transforms import deterministic_transforms
 
 __all__ = ["saliency_map", "overlay_png", "preprocess_scan", "head_mask", "TARGET_LAYER", "FEATURE_STRIDE",
-           "BACKGROUNDS", "TEMPLATE_NOTE"]
+           "BACKGROUNDS", "TEMPLATE_NOTE", "REGISTERED_NOTE"]
 
 TARGET_LAYER = "backbone.layer4"  # Med3D's last feature map (MedicalNet layer4)
 PNG_SOFTWARE = "fedpd saliency overlay"  # the PNG "Software" text chunk of every overlay_png figure
@@ -62,6 +62,9 @@ TEMPLATE_NOTE = ("Background: MNI152 template (nilearn). The map is placed by th
                  "coordinates; the scan is not registered to MNI space, so the anatomy under the colours "
                  "is only approximate unless the scan was made or registered in MNI space (the phantom is "
                  "generated in MNI space; real PPMI scans are not registered).")
+REGISTERED_NOTE = ("Background: MNI152 template (nilearn). The scan was registered to this template (affine, fedpd "
+                   "preprocess) before the model saw it, so the map lies on the template's anatomy up to the "
+                   "registration's accuracy.")
 
 
 class _LogOdds(nn.Module):
@@ -212,7 +215,8 @@ def _affine_of(image, affine) -> np.ndarray:
 
 
 def overlay_png(image, saliency: np.ndarray, out_png: str | Path, title: str = "", background: str = "template",
-                affine=None, caption: str | None = None, threshold: float = 0.2, dpi: int = 100) -> Path:
+                affine=None, caption: str | None = None, threshold: float = 0.2, dpi: int = 100,
+                registered: bool = False) -> Path:
     """Write an orthogonal-slices PNG of ``saliency`` over a background, placed in world mm by nilearn.
 
     Args:
@@ -227,6 +231,9 @@ def overlay_png(image, saliency: np.ndarray, out_png: str | Path, title: str = "
         caption: extra text under the slices (wrapped).
         threshold: map values below it are not coloured.
         dpi: resolution of the PNG (the figure is 9 x 4 inches).
+        registered: ``image`` is a scan registered to the MNI152 template (``fedpd preprocess``, or ``fedpd
+            predict`` on a raw scan of a preprocessed run): the template background says so
+            (:data:`REGISTERED_NOTE`) instead of warning that the scan is not registered (:data:`TEMPLATE_NOTE`).
 
     Slices are cut through the map's peak. The map is drawn only inside :func:`head_mask` of the image,
     with opacity rising with its value (``threshold`` transparent, 1 opaque) so the anatomy shows through.
@@ -268,7 +275,7 @@ def overlay_png(image, saliency: np.ndarray, out_png: str | Path, title: str = "
     if sal.max() <= 0:
         title = f"{title} (no positive evidence: empty map)".strip()
     fig.text(0.01, 0.97, title, color="white", fontsize=11, va="top", ha="left")
-    notes = [caption or ""] + ([TEMPLATE_NOTE] if background == "template" else [])
+    notes = [caption or ""] + ([REGISTERED_NOTE if registered else TEMPLATE_NOTE] if background == "template" else [])
     text = "\n".join(textwrap.fill(n, 150) for n in notes if n)
     if text:
         fig.text(0.01, 0.02, text, color="white", fontsize=7, va="bottom", ha="left")

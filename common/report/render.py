@@ -706,6 +706,8 @@ def _section_saliency(ctx: _Run) -> str:
     rt = runtime(amp=False)
     model = model.to(rt.device)
     background = "template" if ctx.phantom else "scan"
+    # the run's record of how its scans were prepared (common.preprocessing.provenance): registered to MNI152?
+    registered = (ckpt.get("preparation") or {}).get("method") == "fedpd-preprocess"
     out = []
     # nilearn calls gc.collect() for every image it reads (about 20 per overlay); with torch, MONAI and
     # nilearn loaded each takes ~0.3 s. Freezing the objects alive now makes those collections cheap;
@@ -713,19 +715,25 @@ def _section_saliency(ctx: _Run) -> str:
     gc.freeze()
     try:
         for row, why in _pick_scans(test, threshold, ctx.saliency_scans):
-            out.append(_saliency_figure(ctx, model, cfg, rt, row, why, threshold, background))
+            out.append(_saliency_figure(ctx, model, cfg, rt, row, why, threshold, background, registered))
     finally:
         gc.unfreeze()
-    bg_note = ("MNI152 template background (phantom scans are generated in MNI space; aligned by world "
-               "coordinates only)" if background == "template" else
-               "background: the preprocessed scan itself (real scans are not registered to a template)")
+    if registered:
+        bg_note = ("MNI152 template background (the scans were registered to it by fedpd preprocess)"
+                   if background == "template" else
+                   "background: the scan itself, registered to the MNI152 template by fedpd preprocess")
+    else:
+        bg_note = ("MNI152 template background (phantom scans are generated in MNI space; aligned by world "
+                   "coordinates only)" if background == "template" else
+                   "background: the scan itself, as the model saw it (not registered to a template by fedpd)")
     out.append(note(f"Grad-CAM (common/learning/saliency.py) of the selected model for {len(out)} test scan(s), chosen "
                      f"deterministically from predictions.csv; {bg_note}. A saliency map shows where the model looked, "
                      "not that the region is pathological."))
     return "".join(out)
 
 
-def _saliency_figure(ctx: _Run, model, cfg, rt, row: pd.Series, why: str, threshold: float, background: str) -> str:
+def _saliency_figure(ctx: _Run, model, cfg, rt, row: pd.Series, why: str, threshold: float, background: str,
+                     registered: bool = False) -> str:
     """One overlay with its caption, or a note saying why there is none (missing scan, failed map)."""
     from common.learning.saliency import FEATURE_STRIDE, TARGET_LAYER, overlay_png, preprocess_scan, saliency_map
 
@@ -745,7 +753,7 @@ def _saliency_figure(ctx: _Run, model, cfg, rt, row: pd.Series, why: str, thresh
         sal = saliency_map(model, image.as_tensor()[None], rt, class_idx=int(decision == "PD"))
         name = f"saliency-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in image_id)}.png"
         png = overlay_png(image, sal, ctx.figures / name, title=f"{image_id}: true {label}, P(PD) {score:.3f}, "
-                          f"decision {decision}", background=background,
+                          f"decision {decision}", background=background, registered=registered,
                           caption=f"Grad-CAM on {TARGET_LAYER} (1/{FEATURE_STRIDE} resolution), evidence for {decision}.")
         img = _embed(ctx, Path(png).read_bytes(), name, f"saliency overlay of {image_id}")
         return (f'<figure class="scan">{img}<figcaption>{esc(caption)} Map: evidence for {decision}.'

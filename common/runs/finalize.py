@@ -39,10 +39,13 @@ def data_source(rows: pd.DataFrame) -> str:
 
 
 def save_selected_model(run: RunDir, ckpt: dict, *, threshold: float, selected_round: int, source: str,
-                        arm: str) -> Path:
-    """``model.pt``: the selected round's checkpoint plus the validated threshold (loadable by RunDir.load_checkpoint)."""
+                        arm: str, preparation: dict | None = None) -> Path:
+    """``model.pt``: the selected round's checkpoint plus the validated threshold (loadable by RunDir.load_checkpoint),
+    and ``preparation`` (how the scans were prepared) when given; else the checkpoint's own, if any."""
     payload = dict(ckpt) | {"threshold": float(threshold), "selected_round": int(selected_round), "source": source,
                             "arm": arm}
+    if preparation is not None:
+        payload["preparation"] = preparation
     buf = io.BytesIO()
     torch.save(payload, buf)
     path = run.root / MODEL_FILE
@@ -69,7 +72,7 @@ def _predictions(rows: pd.DataFrame, split: str, scores) -> pd.DataFrame:
 
 def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFrame, test_rows: pd.DataFrame,
                  cache_dir: Path, extra: dict | None = None, arm: str = "fedavg",
-                 render: Callable[[Path], Path] | None = None) -> RunReport:
+                 render: Callable[[Path], Path] | None = None, preparation: dict | None = None) -> RunReport:
     """Select the best round on validation, choose the threshold on validation, evaluate test once.
 
     Writes ``report.json`` (DESIGN.md "Outputs"), ``predictions.csv`` (val and test scores of the selected
@@ -78,6 +81,10 @@ def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFram
     local:<site>, scratch, ...). ``render`` (:func:`common.report.render.render_report`, passed in by the
     callers, which may import the report layer) turns the written ``report.json`` into ``report.html``; a
     failure there is logged and never loses the run's results.
+
+    ``preparation`` (:func:`common.preprocessing.provenance.scan_preparation` of the server's scans; default: the
+    selected checkpoint's) goes into ``report.json`` as ``data.preparation`` and into ``model.pt``, so the two
+    always agree; a run that knows none records none (``fedpd predict`` then treats its scans as unknown).
     """
     start = time.perf_counter()
     records = run.read_rounds()
@@ -100,11 +107,17 @@ def finalize_run(run: RunDir, cfg: RunConfig, rt: Runtime, val_rows: pd.DataFram
         per_site[str(site)] = _with_ci(test.y_true[idx], test.y_score[idx], groups[idx], threshold, cfg.seed)
 
     source = data_source(pd.concat([val_rows, test_rows]))
-    save_selected_model(run, ckpt, threshold=threshold, selected_round=selected, source=source, arm=arm)
+    if preparation is None:
+        preparation = ckpt.get("preparation")
+    save_selected_model(run, ckpt, threshold=threshold, selected_round=selected, source=source, arm=arm,
+                        preparation=preparation)
     extra = dict(extra or {})
+    data = {"source": source, **extra.pop("data", {})}
+    if preparation is not None:
+        data["preparation"] = preparation
     report = RunReport(
         arm=arm,
-        data={"source": source, **extra.pop("data", {})},
+        data=data,
         selected_round=selected,
         selection=SELECTION_RULE,
         threshold=threshold,

@@ -186,6 +186,12 @@ class RunReport:
         return self.data.get("site_train_counts") or {}
 
     @property
+    def preparation(self) -> dict[str, Any] | None:
+        """How the server's scans were prepared (:mod:`common.preprocessing.provenance`), ``None`` when not recorded."""
+        value = self.data.get("preparation")
+        return value if isinstance(value, dict) else None
+
+    @property
     def preprocessing_qc(self) -> dict[str, dict[str, int]]:
         return self.data.get("preprocessing_qc") or {}
 

@@ -32,7 +32,8 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
                 cache_dir: Path, started: float, strategy: str, sites: dict[str, dict],
                 site_eval: dict | None = None, missing_sites: list | None = None, failures: list | None = None,
                 rejected: list | None = None, site_qc: dict | None = None, privacy: dict | None = None,
-                strategy_state: dict | None = None, received_bytes: int | None = None) -> RoundRecord:
+                strategy_state: dict | None = None, received_bytes: int | None = None,
+                preparation: dict | None = None) -> RoundRecord:
     """The server side of a round, the same for the ServerApp and every baseline arm: validate the round's
     model on the server's val rows, build the round record, append it to ``rounds.jsonl``, then checkpoint.
 
@@ -41,7 +42,9 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
     never leaves a checkpoint without its record. The record's ``val`` also holds ``seconds``, the time the
     validation took. ``privacy`` (DP runs) and ``received_bytes`` (federated runs) go into the record;
     ``strategy_state`` (a server optimizer's moments, the privacy ledger: tensors and plain values) into the
-    checkpoint, for resume. Returns the record.
+    checkpoint, for resume; ``preparation`` (how the run's scans were prepared,
+    :func:`common.preprocessing.provenance.scan_preparation`) into the checkpoint, for ``fedpd predict``. Returns
+    the record.
     """
     began = time.monotonic()
     metrics = validation_metrics(model, val_rows, cfg, rt, cache_dir)
@@ -54,7 +57,8 @@ def close_round(run: RunDir, model: torch.nn.Module, g: int, *, cfg: RunConfig, 
     run.append_round(record)
     run.save_checkpoint(g, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, config=cfg.to_dict(),
                         metrics=record.to_dict(), model=model_args(cfg),
-                        strategy={"name": strategy, "dp": cfg.dp, "round": g, "state": dict(strategy_state or {})})
+                        strategy={"name": strategy, "dp": cfg.dp, "round": g, "state": dict(strategy_state or {})},
+                        preparation=preparation)
     if cfg.keep_checkpoints == "selected-and-last":
         _keep_selected_and_last(run, g)
     return record

@@ -107,8 +107,10 @@ class RunDir:
         return self.checkpoints / f"round-{round_}.pt"
 
     def save_checkpoint(self, round_: int, state: dict[str, np.ndarray], *, config: dict, metrics: dict,
-                        model: dict, strategy: dict | None = None) -> Path:
-        """Save a self-describing checkpoint: weights, config, round, metrics, model args, git commit."""
+                        model: dict, strategy: dict | None = None, preparation: dict | None = None) -> Path:
+        """Save a self-describing checkpoint: weights, config, round, metrics, model args, git commit, and how the
+        run's scans were prepared (``preparation``, :mod:`common.preprocessing.provenance`; absent when not given,
+        which ``fedpd predict`` reads as unknown)."""
         payload = {
             "format": CHECKPOINT_FORMAT,
             "round": int(round_),
@@ -119,6 +121,8 @@ class RunDir:
             "strategy": dict(strategy or {}),
             "git_commit": git_commit(),
         }
+        if preparation is not None:
+            payload["preparation"] = json.loads(dumps(preparation))
         path = self.checkpoint_path(round_)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.checkpoints, prefix=f".{path.name}.", suffix=".tmp")

@@ -27,13 +27,6 @@ MARKER = ".fedpd-demo"
 DEMO = {"subjects": 120, "sites": 3, "shape": 48, "effect": 1.0, "seed": 0, "rounds": 8}
 DEMO_RUN_CONFIG = "input-shape='48,48,48' spacing='4.0,4.0,4.0' batch-size=8 local-epochs=2 lr=0.0001"
 DEMO_TEMPLATE_MM = 2  # preprocessing registers to the 2 mm MNI152 template (the training input is 4 mm)
-# QC threshold for the demo's phantom (the library default, 0.7, is for 1 mm scans). Measured on the 222
-# demo scans of seed 0 (4 x 4 x 4.8 mm voxels; benchmarks/registration_accuracy.py, EXPERIMENTS.md): even
-# the exact known transform gives a correlation with the template of only 0.49-0.65 (the phantom's brain is
-# warped per subject and its contrast varies per site and subject); registration found 0.56-0.70 at 2.1 mm
-# mean error; the known transform moved by 5 mm gives 0.38-0.55 (median 0.47), by 10 mm 0.24-0.42. So 0.5
-# rejects every 10 mm misregistration and most 5 mm ones, and kept every scan registration got right.
-DEMO_QC_THRESHOLD = 0.5
 
 
 def _num(v) -> str:
@@ -96,9 +89,8 @@ def run_demo(out: Path, pretrained: str | None = None, rounds: int = DEMO["round
 
     if preprocess:
         t = _step(f"{next(step)}/{steps} site-local preprocessing: N4, affine registration to MNI152 "
-                  f"({DEMO_TEMPLATE_MM} mm), brain mask, QC (threshold {DEMO_QC_THRESHOLD})")
-        qc = preprocess_manifest(manifest, data / "preprocessed", template_mm=DEMO_TEMPLATE_MM,
-                                 qc_threshold=DEMO_QC_THRESHOLD)
+                  f"({DEMO_TEMPLATE_MM} mm), brain mask, QC (default threshold)")
+        qc = preprocess_manifest(manifest, data / "preprocessed", template_mm=DEMO_TEMPLATE_MM)
         if not (qc["status"] == "ok").any():
             raise FedpdError(f"preprocessing QC excluded every scan; see {data / 'preprocessed' / 'qc.html'}")
         manifest = data / "preprocessed" / "manifest.csv"

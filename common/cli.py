@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused, never overwritten")
     s.add_argument("--background", choices=("auto", "template", "scan"), default="auto",
                    help="overlay background: MNI152 template, the scan as the model saw it (registered, for a run "
-                        "on preprocessed scans), or auto (template for phantom models)")
+                        "on preprocessed scans), or auto (the registered scan when there is one, else the template for "
+                        "phantom models)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_predict)
 

@@ -91,8 +91,8 @@ def test_raw_scan_gives_the_probability_of_its_preprocessed_output(prepared, cap
     assert given["preparation"]["applied"] == "given"
     assert any("lies on the template grid" in n for n in given["notes"])
     assert "N4, registered to MNI152, brain mask, QC passed" in format_result(raw)
-    # the figure lies on the registered scan: the template background says it was registered, not the opposite
-    assert png.read_bytes()[:8] == PNG_MAGIC and raw["saliency"]["background"] == "template"
+    # the figure lies on the registered scan: auto puts the map on it (both are in template space)
+    assert png.read_bytes()[:8] == PNG_MAGIC and raw["saliency"]["background"] == "scan"
 
 
 def test_raw_scan_as_given_is_not_what_the_model_was_trained_on(prepared):

@@ -272,8 +272,9 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
         saliency_png: where to write the Grad-CAM overlay (:mod:`common.learning.saliency`); ``None`` for none.
             The map explains the decided class (evidence for PD when the decision is PD, else control).
         background: ``template`` (MNI152), ``scan`` (the scan as the model saw it: for a run of preprocessed
-            scans, the registered, masked scan in template space) or ``auto``: the template for phantom
-            models, the scan otherwise.
+            scans, the registered, masked scan in template space) or ``auto``: the registered scan when
+            the scan was prepared here or given prepared for a ``fedpd-preprocess`` run; otherwise the
+            template for phantom models and the scan for others.
         rt: compute device; default :func:`common.device.runtime` without AMP (float32).
         preprocessed: the scan is already prepared as the run's scans were (for a ``fedpd-preprocess`` run:
             ``fedpd preprocess`` output, in template space): no preprocessing here.
@@ -342,7 +343,10 @@ def predict_scan(checkpoint: str | Path, scan: str | Path, saliency_png: str | P
         "notes": notes,
     }
     if saliency_png is not None:
-        bg = background if background != "auto" else ("template" if "phantom" in pred.source else "scan")
+        # auto: the registered scan whenever there is one (the map lies on the anatomy it was computed from);
+        # else the template for phantom models (their scans were generated on its grid), the scan otherwise
+        bg = background if background != "auto" else (
+            "scan" if registered else "template" if "phantom" in pred.source else "scan")
         explains = CLASS_NAMES[int(is_pd)]
         sal = saliency_map(model, x, rt, class_idx=int(is_pd))
         caption = (f"Grad-CAM on {TARGET_LAYER} (1/{FEATURE_STRIDE} of the input resolution), evidence for "

@@ -4,7 +4,7 @@ Per scan (:func:`common.preprocessing.registration.preprocess_scan`, re-exported
 
 1. read the NIfTI (nibabel, as everywhere in fedpd) after :func:`common.cohort.scans.scan_problem`'s checks;
 2. head mask: Otsu threshold, largest connected component, holes filled (:func:`head_mask`);
-3. N4 bias-field correction on a ~4 mm copy inside the head mask (:func:`n4_correct`);
+3. N4 bias-field correction on a ~6 mm copy inside the head mask (:func:`n4_correct`);
 4. registration to the skull-stripped MNI152 T1 template that nilearn ships (:func:`register_to_template`),
    with the scan block-averaged to about the template's voxel size (a 1 mm scan: 5x faster, same result):
    centre-of-mass (moments) initialisation on the masked head; a coarse pose search as in FSL FLIRT

@@ -1,7 +1,8 @@
 """One raw T1 head scan onto the MNI152 template: the per-scan core of ``fedpd preprocess``.
 
-Steps (:func:`preprocess_scan`; the why of each is in :mod:`common.preprocessing.pipeline`'s docstring): scan check,
-Otsu head mask, N4 on a ~6 mm copy, moments initialisation, coarse pose search, similarity then affine
+Steps (:func:`preprocess_scan`; the why of each is in :mod:`common.preprocessing.pipeline`'s docstring): scan check
+(2D thick-slice series refused), Otsu head mask, N4 on a ~6 mm copy, moments initialisation, coarse pose search and
+similarity stage from two starts (a head built around the template, and the brain-only template), then affine
 registration (Mattes MI inside the dilated template brain mask, fixed sampling seed), resampling onto the
 template grid, the template brain mask (background exactly 0), QC figures. SimpleITK does the work;
 callers set its thread count (one thread gives the same transform every run).

@@ -133,7 +133,7 @@ def build_head(t1: sitk.Image, brain: sitk.Image) -> sitk.Image:
     head = sitk.GetArrayFromImage(t1) * (dist <= 0)
     for a, b, value in _HEAD_SHELLS:
         head[(dist > a) & (dist <= b)] = value
-    k, j, i = np.meshgrid(*[np.arange(n) for n in head.shape], indexing="ij")
+    k, j, i = np.ogrid[:head.shape[0], :head.shape[1], :head.shape[2]]  # broadcast: no full index arrays
     direction = np.asarray(t1.GetDirection()).reshape(3, 3) * mm
     x, y, z = (t1.GetOrigin()[r] + direction[r, 0] * i + direction[r, 1] * j + direction[r, 2] * k for r in range(3))
     # LPS mm (y runs posterior): the neck's centre lies 15 mm behind the origin, below the temporal lobes

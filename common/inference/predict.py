@@ -424,14 +424,13 @@ def _grid_note(scan: Path, settings: dict) -> str:
 def _register(scan: Path, settings: dict, tmp: Path, notes: list[str]) -> tuple[Path, dict]:
     """``fedpd preprocess`` on one scan at the run's settings, then its QC: the registered, masked volume as a
     NIfTI on the template grid in ``tmp``, and the QC figures. Raises DataError when it fails either."""
-    import nibabel as nib
     import numpy as np
     import SimpleITK as sitk
 
     from common.preprocessing import pipeline
 
     template_mm, n4 = int(settings["template_mm"]), bool(settings["n4"])
-    now = pipeline._settings(template_mm, n4)  # what this fedpd's preprocessing would record
+    now = pipeline.scan_settings(template_mm, n4)  # what this fedpd's preprocessing would record
     differ = sorted(k for k in now if k != "simpleitk" and k in settings and settings[k] != now[k])
     if differ:
         raise DataError(f"{scan}: refused: the run's scans were preprocessed with "
@@ -450,11 +449,8 @@ def _register(scan: Path, settings: dict, tmp: Path, notes: list[str]) -> tuple[
     except DataError as exc:  # the reason, without the path
         raise DataError(f"{scan}: refused by the run's preprocessing: {exc}") from None
     except RuntimeError as exc:  # SimpleITK raises RuntimeError for ITK exceptions
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line.split("Description:", 1)[1].strip() for line in lines if "Description:" in line),
-                      lines[-1] if lines else type(exc).__name__)
         raise DataError(f"{scan}: refused: the run's preprocessing (registration to the MNI152 template) failed in "
-                        f"SimpleITK ({detail[:200]}); is this a whole-head T1 scan?") from None
+                        f"SimpleITK ({pipeline.sitk_failure(exc)}); is this a whole-head T1 scan?") from None
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     reason = pipeline.qc_verdict(result.metrics, float(settings["qc_threshold"]))
@@ -462,12 +458,8 @@ def _register(scan: Path, settings: dict, tmp: Path, notes: list[str]) -> tuple[
         raise DataError(f"{scan}: refused: the scan fails the run's preprocessing QC: {reason}. The model's scans "
                         f"passed this check, so its answer on this one would mean nothing; check the scan (a whole-"
                         "head 3D T1?). If it is already fedpd preprocess output, pass --preprocessed")
-    data = sitk.GetArrayFromImage(result.image).transpose(2, 1, 0).astype(np.float32)
-    img = nib.Nifti1Image(data, template.affine)  # as fedpd preprocess writes a registered scan
-    img.set_sform(template.affine, code="mni")
-    img.set_qform(template.affine, code="mni")
     path = tmp / "registered.nii.gz"
-    nib.save(img, str(path))
+    pipeline.save_registered(result.image, template.affine, path)  # as fedpd preprocess writes it
     how = describe_preparation({"method": FEDPD_PREPROCESS, "settings": settings})
     notes.append(f"The scan was prepared as the run's scans were ({how}); QC correlation with the template "
                  f"{result.metrics['correlation']:.3f}.")

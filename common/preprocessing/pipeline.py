@@ -84,7 +84,8 @@ log = logging.getLogger("fedpd.preprocess")
 
 __all__ = ["PREPROCESS_VERSION", "DEFAULT_TEMPLATE_MM", "DEFAULT_QC_THRESHOLD", "Template", "ScanResult",
            "load_template", "nifti_to_sitk", "head_mask", "n4_correct", "register_to_template", "qc_metrics",
-           "preprocess_scan", "preprocess_manifest", "default_workers", "qc_verdict"]
+           "preprocess_scan", "preprocess_manifest", "default_workers", "qc_verdict", "scan_settings", "save_registered",
+           "sitk_failure"]
 
 PREPROCESS_VERSION = 2        # bump when a step changes: invalidates every cached scan
 DEFAULT_QC_THRESHOLD = 0.7    # min QC correlation (smoothed, brain + 4 mm), calibrated on real scans (docstring)
@@ -110,8 +111,9 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _settings(template_mm: int, n4: bool) -> dict:
-    """What a cached scan depends on besides its input file (the QC threshold is applied afterwards)."""
+def scan_settings(template_mm: int, n4: bool) -> dict:
+    """What a preprocessed scan depends on besides its input file (the QC threshold is applied afterwards): the
+    cache key, and what ``fedpd predict`` compares with a run's record before it prepares a scan."""
     return {"pipeline_version": PREPROCESS_VERSION, "template_mm": int(template_mm), "n4": bool(n4), "seed": SEED,
             "simpleitk": sitk.Version_VersionString()}
 
@@ -132,7 +134,8 @@ def _write_json(path: Path, data: dict) -> None:
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=str) + "\n"))
 
 
-def _save_nifti(image: sitk.Image, affine: np.ndarray, path: Path) -> None:
+def save_registered(image: sitk.Image, affine: np.ndarray, path: Path) -> None:
+    """A registered scan as float32 NIfTI on the template grid (sform/qform = MNI), written atomically."""
     data = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)
     img = nib.Nifti1Image(data, affine)
     img.set_sform(affine, code="mni")
@@ -162,11 +165,16 @@ def _qc_png(result: ScanResult, template: Template, path: Path, title: str) -> N
     _atomic(path, lambda tmp: fig.savefig(str(tmp), format="png"))
 
 
-def _sitk_reason(exc: RuntimeError) -> str:
+def sitk_failure(exc: RuntimeError) -> str:
+    """The one line of a SimpleITK (ITK) exception a user can read: its Description, else its last line."""
     text = str(exc)
     found = re.search(r"Description: *(.+)", text)
     line = (found.group(1) if found else text.strip().splitlines()[-1] if text.strip() else type(exc).__name__)
-    return (f"registration failed in SimpleITK ({line.strip()[:200]}); is this a T1 head scan? Check the file, "
+    return line.strip()[:200]
+
+
+def _sitk_reason(exc: RuntimeError) -> str:
+    return (f"registration failed in SimpleITK ({sitk_failure(exc)}); is this a T1 head scan? Check the file, "
             "or drop the row")
 
 
@@ -185,7 +193,7 @@ def _run_scan(job: dict) -> dict:
     except RuntimeError as exc:  # SimpleITK raises RuntimeError for ITK exceptions
         record["reason"] = _sitk_reason(exc)
     else:
-        _save_nifti(result.image, template.affine, out / f"{iid}.nii.gz")
+        save_registered(result.image, template.affine, out / f"{iid}.nii.gz")
         _atomic(out / "transforms" / f"{iid}.tfm", lambda tmp: sitk.WriteTransform(result.transform, str(tmp)))
         _qc_png(result, template, out / "qc" / f"{iid}.png", f"{iid}: correlation {result.metrics['correlation']:.3f}")
         record.update(registered=True, metrics=result.metrics)
@@ -336,7 +344,7 @@ def preprocess_manifest(manifest, out, *, template_mm: int = DEFAULT_TEMPLATE_MM
     _preflight(manifest, out, df)
     workers = workers or default_workers()
     threads = 1  # deterministic results (default_workers): parallelism comes from worker processes
-    settings = _settings(template_mm, n4)
+    settings = scan_settings(template_mm, n4)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     provenance = {"manifest": str(manifest.resolve()), "out": str(out), "complete": False, "started": started,
                   "settings": {**settings, "qc_threshold": qc_threshold, "workers": workers,
